@@ -1,0 +1,195 @@
+// hard-swish, hard-sigmoid and the hard-sigmoid gate x * hardsigmoid(g[n, c]):
+// schemas and C++ CPU kernels. The CUDA kernels are in hardswish_cuda.cu.
+#include <ATen/Parallel.h>
+
+#include "activations.h"
+#include "fastblocks.h"
+
+namespace fastblocks {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task: large enough to amortise a task
+
+// out[i] = op(in[i]) over the flat storage of dense tensors; the loop body is branch-free so
+// that the compiler vectorises it for fp32 / fp64.
+template <typename scalar_t, typename Op>
+void map_unary(const at::Tensor& x, at::Tensor& out, Op op) {
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(op(static_cast<opmath_t<scalar_t>>(in[i])));
+  });
+}
+
+template <typename scalar_t, typename Op>
+void map_binary(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Op op) {
+  const scalar_t* pa = a.const_data_ptr<scalar_t>();
+  const scalar_t* pb = b.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  using acc_t = opmath_t<scalar_t>;
+  at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      o[i] = static_cast<scalar_t>(op(static_cast<acc_t>(pa[i]), static_cast<acc_t>(pb[i])));
+  });
+}
+
+at::Tensor check_input(const at::Tensor& x) {
+  check_floating(x, "x");
+  check_dense(x, "x");
+  return at::empty_like(x);
+}
+
+at::Tensor hardswish_forward_cpu(const at::Tensor& x) {
+  at::Tensor out = check_input(x);
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_forward_cpu", [&] {
+    map_unary<scalar_t>(x, out, [](auto v) { return hardswish(v); });
+  });
+  return out;
+}
+
+at::Tensor hardswish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
+  at::Tensor out = check_input(x);
+  check_same_layout(grad, "grad", x, "x");
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_backward_cpu", [&] {
+    map_binary<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardswish_grad(v); });
+  });
+  return out;
+}
+
+at::Tensor hardsigmoid_forward_cpu(const at::Tensor& x) {
+  at::Tensor out = check_input(x);
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_forward_cpu", [&] {
+    map_unary<scalar_t>(x, out, [](auto v) { return hardsigmoid(v); });
+  });
+  return out;
+}
+
+at::Tensor hardsigmoid_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
+  at::Tensor out = check_input(x);
+  check_same_layout(grad, "grad", x, "x");
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_backward_cpu", [&] {
+    map_binary<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardsigmoid_grad(v); });
+  });
+  return out;
+}
+
+// The gate g is [N, C] (contiguous), one value per plane of x.
+void check_gate(const at::Tensor& x, const at::Tensor& g) {
+  check_floating(x, "x");
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.is_contiguous(),
+              "g must be a contiguous [N, C] = [", x.size(0), ", ", x.size(1), "] tensor, got ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "g must have the dtype of x (", x.scalar_type(), "), got ",
+              g.scalar_type());
+}
+
+at::Tensor hardsigmoid_gate_forward_cpu(const at::Tensor& x, const at::Tensor& g) {
+  const bool channels_last = is_channels_last_4d(x, "x");
+  check_gate(x, g);
+  at::Tensor out = at::empty_like(x);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_gate_forward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    if (!channels_last) {  // one plane per (n, c): a scalar gate times a contiguous row
+      at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const acc_t s = hardsigmoid(static_cast<acc_t>(pg[nc]));
+          const scalar_t* xr = px + nc * HW;
+          scalar_t* orow = po + nc * HW;
+          for (int64_t i = 0; i < HW; ++i) orow[i] = static_cast<scalar_t>(static_cast<acc_t>(xr[i]) * s);
+        }
+      });
+    } else {  // one pixel per row of C channels: a vector of C gates per image
+      std::vector<acc_t> gates(N * C);
+      for (int64_t i = 0; i < N * C; ++i) gates[i] = hardsigmoid(static_cast<acc_t>(pg[i]));
+      at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p) {
+          const acc_t* s = gates.data() + (p / HW) * C;
+          const scalar_t* xr = px + p * C;
+          scalar_t* orow = po + p * C;
+          for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * s[c]);
+        }
+      });
+    }
+  });
+  return out;
+}
+
+// dx = dy * hardsigmoid(g); dg[n, c] = hardsigmoid'(g[n, c]) * sum_hw dy * x. One pass over dy and x.
+std::tuple<at::Tensor, at::Tensor> hardsigmoid_gate_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                 const at::Tensor& g) {
+  const bool channels_last = is_channels_last_4d(x, "x");
+  check_gate(x, g);
+  check_same_layout(grad, "grad", x, "x");
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dg = at::empty_like(g);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_gate_backward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = grad.const_data_ptr<scalar_t>();
+    const scalar_t* pg = g.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* pdg = dg.mutable_data_ptr<scalar_t>();
+    if (!channels_last) {
+      at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t nc = b; nc < e; ++nc) {
+          const acc_t gv = static_cast<acc_t>(pg[nc]);
+          const acc_t s = hardsigmoid(gv);
+          acc_t sum = 0;
+          for (int64_t i = nc * HW; i < (nc + 1) * HW; ++i) {
+            const acc_t dy = static_cast<acc_t>(pdy[i]);
+            sum += dy * static_cast<acc_t>(px[i]);
+            pdx[i] = static_cast<scalar_t>(dy * s);
+          }
+          pdg[nc] = static_cast<scalar_t>(sum * hardsigmoid_grad(gv));
+        }
+      });
+    } else {
+      // Parallel over images; each task accumulates the C channel sums of its image in a local row.
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> s(C), sum(C);
+        for (int64_t n = b; n < e; ++n) {
+          for (int64_t c = 0; c < C; ++c) {
+            s[c] = hardsigmoid(static_cast<acc_t>(pg[n * C + c]));
+            sum[c] = 0;
+          }
+          for (int64_t p = n * HW; p < (n + 1) * HW; ++p) {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t dy = static_cast<acc_t>(pdy[p * C + c]);
+              sum[c] += dy * static_cast<acc_t>(px[p * C + c]);
+              pdx[p * C + c] = static_cast<scalar_t>(dy * s[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c)
+            pdg[n * C + c] = static_cast<scalar_t>(sum[c] * hardsigmoid_grad(static_cast<acc_t>(pg[n * C + c])));
+        }
+      });
+    }
+  });
+  return {dx, dg};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
+  m.def("hardswish_forward(Tensor x) -> Tensor");
+  m.def("hardswish_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("hardsigmoid_forward(Tensor x) -> Tensor");
+  m.def("hardsigmoid_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("hardsigmoid_gate_forward(Tensor x, Tensor g) -> Tensor");
+  m.def("hardsigmoid_gate_backward(Tensor grad, Tensor x, Tensor g) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
+  m.impl("hardswish_forward", &hardswish_forward_cpu);
+  m.impl("hardswish_backward", &hardswish_backward_cpu);
+  m.impl("hardsigmoid_forward", &hardsigmoid_forward_cpu);
+  m.impl("hardsigmoid_backward", &hardsigmoid_backward_cpu);
+  m.impl("hardsigmoid_gate_forward", &hardsigmoid_gate_forward_cpu);
+  m.impl("hardsigmoid_gate_backward", &hardsigmoid_gate_backward_cpu);
+}
+
+}  // namespace fastblocks
