@@ -1,0 +1,1 @@
+"""Model builders with torchvision's names and arguments. One import line per file."""

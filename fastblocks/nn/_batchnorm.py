@@ -1,0 +1,49 @@
+"""BatchNorm bookkeeping shared by every fused module that holds an ``nn.BatchNorm2d``.
+
+The fused kernels compute the batch statistics; these helpers apply them to the module exactly as
+``nn.BatchNorm2d`` does, so a fused module can keep a real BatchNorm2d (same state_dict keys).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """True when ``bn`` normalises with the statistics of the current batch (as F.batch_norm decides)."""
+    return bn.training or not bn.track_running_stats
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """Fold one batch's per-channel ``mean`` and biased ``var`` over ``count`` values into ``bn``.
+
+    Same arithmetic as ``nn.BatchNorm2d``: running_var gets the unbiased variance, and
+    ``momentum=None`` means a cumulative average over ``num_batches_tracked``.
+    """
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average; stays a tensor so torch.compile keeps one graph
+            factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+        else:
+            factor = bn.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+
+
+def check_batch_size(bn: nn.BatchNorm2d, count: int, size) -> None:
+    """nn.BatchNorm2d's error for a training batch with one value per channel."""
+    if bn.training and count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(size)}")
+
+
+def eval_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with bn(y) == y * scale + shift in eval mode, for folding into a kernel."""
+    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight * invstd
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
