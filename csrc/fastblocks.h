@@ -10,6 +10,14 @@
 #define FB_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// Compile a hot CPU loop for AVX-512, AVX2 and baseline x86-64, picked at load time: the extension is
+// built without -march flags so that it runs everywhere, and this recovers the vector width eager has.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FB_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FB_CPU_MULTIVERSION
+#endif
+
 namespace fastblocks {
 
 template <typename scalar_t>

@@ -10,27 +10,28 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task: large enough to amortise a task
 
-// out[i] = op(in[i]) over the flat storage of dense tensors; the loop body is branch-free so
-// that the compiler vectorises it for fp32 / fp64.
+// out[i] = op(in[i]) / op(a[i], b[i]) over [begin, end) of flat storage; branch-free bodies, so each
+// clone vectorises (b == nullptr selects the unary form).
 template <typename scalar_t, typename Op>
-void map_unary(const at::Tensor& x, at::Tensor& out, Op op) {
-  const scalar_t* in = x.const_data_ptr<scalar_t>();
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(op(static_cast<opmath_t<scalar_t>>(in[i])));
-  });
+FB_CPU_MULTIVERSION void map_loop(const scalar_t* __restrict a, const scalar_t* __restrict b,
+                                  scalar_t* __restrict out, int64_t begin, int64_t end, Op op) {
+  using acc_t = opmath_t<scalar_t>;
+  if (b == nullptr) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc_t>(a[i]), acc_t(0)));
+  } else {
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = static_cast<scalar_t>(op(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i])));
+  }
 }
 
+// Elementwise kernels over dense tensors that share strides; b may be undefined (unary op).
 template <typename scalar_t, typename Op>
-void map_binary(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Op op) {
+void map_elementwise(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Op op) {
   const scalar_t* pa = a.const_data_ptr<scalar_t>();
-  const scalar_t* pb = b.const_data_ptr<scalar_t>();
+  const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  using acc_t = opmath_t<scalar_t>;
-  at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      o[i] = static_cast<scalar_t>(op(static_cast<acc_t>(pa[i]), static_cast<acc_t>(pb[i])));
-  });
+  at::parallel_for(0, a.numel(), kGrain,
+                   [&](int64_t begin, int64_t end) { map_loop<scalar_t>(pa, pb, o, begin, end, op); });
 }
 
 at::Tensor check_input(const at::Tensor& x) {
@@ -42,7 +43,7 @@ at::Tensor check_input(const at::Tensor& x) {
 at::Tensor hardswish_forward_cpu(const at::Tensor& x) {
   at::Tensor out = check_input(x);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_forward_cpu", [&] {
-    map_unary<scalar_t>(x, out, [](auto v) { return hardswish(v); });
+    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) { return hardswish(v); });
   });
   return out;
 }
@@ -51,7 +52,7 @@ at::Tensor hardswish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   at::Tensor out = check_input(x);
   check_same_layout(grad, "grad", x, "x");
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_backward_cpu", [&] {
-    map_binary<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardswish_grad(v); });
+    map_elementwise<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardswish_grad(v); });
   });
   return out;
 }
@@ -59,7 +60,7 @@ at::Tensor hardswish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
 at::Tensor hardsigmoid_forward_cpu(const at::Tensor& x) {
   at::Tensor out = check_input(x);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_forward_cpu", [&] {
-    map_unary<scalar_t>(x, out, [](auto v) { return hardsigmoid(v); });
+    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) { return hardsigmoid(v); });
   });
   return out;
 }
@@ -68,7 +69,7 @@ at::Tensor hardsigmoid_backward_cpu(const at::Tensor& grad, const at::Tensor& x)
   at::Tensor out = check_input(x);
   check_same_layout(grad, "grad", x, "x");
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_backward_cpu", [&] {
-    map_binary<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardsigmoid_grad(v); });
+    map_elementwise<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardsigmoid_grad(v); });
   });
   return out;
 }
