@@ -74,6 +74,25 @@ at::Tensor hardsigmoid_backward_cpu(const at::Tensor& grad, const at::Tensor& x)
   return out;
 }
 
+// out[i] = x[i] * s[i], or x[i] * s[0] with BROADCAST (an NCHW plane and its one gate).
+template <bool BROADCAST, typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void gate_row(const scalar_t* __restrict x, const acc_t* __restrict s, scalar_t* __restrict out,
+                                  int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * s[BROADCAST ? 0 : i]);
+}
+
+// One channels_last pixel: dx = dy * s and the per-channel dot products sum += dy * x.
+template <typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void gate_backward_pixel(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                             const acc_t* __restrict s, scalar_t* __restrict dx,
+                                             acc_t* __restrict sum, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(dy[c]);
+    sum[c] += d * static_cast<acc_t>(x[c]);
+    dx[c] = static_cast<scalar_t>(d * s[c]);
+  }
+}
+
 // The gate g is [N, C] (contiguous), one value per plane of x.
 void check_gate(const at::Tensor& x, const at::Tensor& g) {
   check_floating(x, "x");
@@ -97,9 +116,7 @@ at::Tensor hardsigmoid_gate_forward_cpu(const at::Tensor& x, const at::Tensor& g
       at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)), [&](int64_t b, int64_t e) {
         for (int64_t nc = b; nc < e; ++nc) {
           const acc_t s = hardsigmoid(static_cast<acc_t>(pg[nc]));
-          const scalar_t* xr = px + nc * HW;
-          scalar_t* orow = po + nc * HW;
-          for (int64_t i = 0; i < HW; ++i) orow[i] = static_cast<scalar_t>(static_cast<acc_t>(xr[i]) * s);
+          gate_row</*BROADCAST=*/true>(px + nc * HW, &s, po + nc * HW, HW);
         }
       });
     } else {  // one pixel per row of C channels: a vector of C gates per image
@@ -107,10 +124,7 @@ at::Tensor hardsigmoid_gate_forward_cpu(const at::Tensor& x, const at::Tensor& g
       for (int64_t i = 0; i < N * C; ++i) gates[i] = hardsigmoid(static_cast<acc_t>(pg[i]));
       at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
         for (int64_t p = b; p < e; ++p) {
-          const acc_t* s = gates.data() + (p / HW) * C;
-          const scalar_t* xr = px + p * C;
-          scalar_t* orow = po + p * C;
-          for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * s[c]);
+          gate_row</*BROADCAST=*/false>(px + p * C, gates.data() + (p / HW) * C, po + p * C, C);
         }
       });
     }
@@ -157,13 +171,8 @@ std::tuple<at::Tensor, at::Tensor> hardsigmoid_gate_backward_cpu(const at::Tenso
             s[c] = hardsigmoid(static_cast<acc_t>(pg[n * C + c]));
             sum[c] = 0;
           }
-          for (int64_t p = n * HW; p < (n + 1) * HW; ++p) {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t dy = static_cast<acc_t>(pdy[p * C + c]);
-              sum[c] += dy * static_cast<acc_t>(px[p * C + c]);
-              pdx[p * C + c] = static_cast<scalar_t>(dy * s[c]);
-            }
-          }
+          for (int64_t p = n * HW; p < (n + 1) * HW; ++p)
+            gate_backward_pixel(pdy + p * C, px + p * C, s.data(), pdx + p * C, sum.data(), C);
           for (int64_t c = 0; c < C; ++c)
             pdg[n * C + c] = static_cast<scalar_t>(sum[c] * hardsigmoid_grad(static_cast<acc_t>(pg[n * C + c])));
         }
