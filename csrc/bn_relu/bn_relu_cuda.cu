@@ -1,0 +1,197 @@
+// Fused BatchNorm + ReLU over a (channel slice of a) block buffer: CUDA kernels. Same contract as
+// the CPU kernels in bn_relu.cpp; the layout (Geometry) is in bn_relu.h.
+//
+// Per-channel sums run in two steps with a fixed order (deterministic, no atomics): a kernel writes
+// one partial sum per (channel, split) and a small aten sum over the splits finishes them.
+#include "bn_relu.h"
+#include "cuda_utils.cuh"
+
+namespace fastblocks {
+namespace bn_relu {
+namespace {
+
+using cuda::kThreads;
+using cuda::warp_sum;
+
+// NCHW: block (c, s) sums f over images s, s + S, ... of channel c; its threads walk the contiguous
+// pixels of each image. partial is [K][C][S].
+template <typename acc_t, int K, typename F>
+__global__ void sums_nchw_kernel(Geometry g, F f, acc_t* __restrict__ partial) {
+  const int64_t c = blockIdx.x, S = gridDim.y, s = blockIdx.y;
+  acc_t acc[K] = {};
+  for (int64_t n = s; n < g.N; n += S) {
+    const int64_t xi = n * g.x_stride + c * g.HW, oi = (n * g.C + c) * g.HW;
+    for (int64_t p = threadIdx.x; p < g.HW; p += blockDim.x) f(c, xi + p, oi + p, acc);
+  }
+  __shared__ acc_t warp_sums[K][kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const acc_t v = warp_sum(acc[k]);
+    if (lane == 0) warp_sums[k][warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const acc_t v = warp_sum(lane < kThreads / 32 ? warp_sums[k][lane] : acc_t(0));
+      if (lane == 0) partial[(k * g.C + c) * S + s] = v;
+    }
+  }
+}
+
+// channels_last: block (32 channels, 8 pixel lanes) per (channel tile, split); the 32 threads of a
+// warp read 32 consecutive channels of one pixel. The 8 lanes are summed in shared memory.
+constexpr int kTileC = 32, kLanesP = 8;
+
+template <typename acc_t, int K, typename F>
+__global__ void sums_nhwc_kernel(Geometry g, F f, acc_t* __restrict__ partial) {
+  const int64_t c = (int64_t)blockIdx.x * kTileC + threadIdx.x, S = gridDim.y, s = blockIdx.y;
+  acc_t acc[K] = {};
+  if (c < g.C) {
+    for (int64_t r = s * kLanesP + threadIdx.y; r < g.count(); r += S * kLanesP) f(c, r * g.x_stride + c, r * g.C + c, acc);
+  }
+  __shared__ acc_t lane_sums[K][kLanesP][kTileC];
+#pragma unroll
+  for (int k = 0; k < K; ++k) lane_sums[k][threadIdx.y][threadIdx.x] = acc[k];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < g.C) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      acc_t total = 0;
+#pragma unroll
+      for (int j = 0; j < kLanesP; ++j) total += lane_sums[k][j][threadIdx.x];
+      partial[(k * g.C + c) * S + s] = total;
+    }
+  }
+}
+
+// [K, C] per-channel sums of f(c, x_index, out_index, acc) (f adds its K terms into acc).
+template <typename acc_t, int K, typename F>
+at::Tensor channel_sums(const Geometry& g, const at::Tensor& x, F f) {
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  if (g.count() == 0 || g.C == 0) return at::zeros({K, g.C}, opts);
+  const int64_t wanted = 4LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // blocks
+  auto stream = at::cuda::getCurrentCUDAStream();
+  int64_t splits;
+  at::Tensor partial;
+  if (!g.channels_last) {
+    TORCH_CHECK(g.C <= std::numeric_limits<int32_t>::max(), "bn_relu: too many channels");
+    splits = std::clamp<int64_t>((wanted + g.C - 1) / g.C, 1, std::min<int64_t>(g.N, 65535));
+    partial = at::empty({K, g.C, splits}, opts);
+    sums_nchw_kernel<acc_t, K><<<dim3(g.C, splits), kThreads, 0, stream>>>(g, f, partial.mutable_data_ptr<acc_t>());
+  } else {
+    const int64_t tiles = (g.C + kTileC - 1) / kTileC;
+    splits = std::clamp<int64_t>((wanted + tiles - 1) / tiles, 1, std::min<int64_t>((g.count() + kLanesP - 1) / kLanesP, 65535));
+    partial = at::empty({K, g.C, splits}, opts);
+    sums_nhwc_kernel<acc_t, K><<<dim3(tiles, splits), dim3(kTileC, kLanesP), 0, stream>>>(g, f, partial.mutable_data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partial.sum(2);
+}
+
+// f(c, x_index, out_index) for every value; one thread per output value, grid-stride.
+template <typename F>
+__global__ void for_each_value_kernel(Geometry g, F f) {
+  const int64_t n = g.numel();
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)blockDim.x * gridDim.x) {
+    int64_t c;
+    const int64_t xi = g.x_index(i, c);
+    f(c, xi, i);
+  }
+}
+
+template <typename F>
+void for_each_value(const Geometry& g, F f) {
+  if (g.numel() == 0) return;
+  for_each_value_kernel<<<cuda::num_blocks(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(g, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
+  const Geometry g = geometry(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor mean, var;
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const int64_t count = std::max<int64_t>(g.count(), 1);
+    mean = channel_sums<acc_t, 1>(g, x, [=] __device__(int64_t, int64_t xi, int64_t, acc_t* acc) {
+             acc[0] += static_cast<acc_t>(px[xi]);
+           })[0].div_(count);
+    const acc_t* mu = mean.const_data_ptr<acc_t>();
+    at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t, acc_t* acc) {
+                        const acc_t d = static_cast<acc_t>(px[xi]) - mu[c];
+                        acc[0] += d;
+                        acc[1] += d * d;
+                      }).div_(count);
+    // corrected two-pass: the first mean's rounding error, removed from both
+    var = (sums[1] - sums[0] * sums[0]).clamp_min_(0);
+    mean = mean + sums[0];
+  });
+  return {mean, var};
+}
+
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                        const at::Tensor& bias) {
+  const Geometry g = geometry(x);
+  check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = empty_out(x, g);
+  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
+    for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
+      py[oi] = static_cast<scalar_t>(relu(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             const at::Tensor& weight, const at::Tensor& bias,
+                                                             bool batch_stats) {
+  const Geometry g = geometry(x);
+  check_grad(grad, x, g);
+  check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = empty_out(x, g);
+  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  BackwardTerms terms;
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
+    const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
+                *mu = mean.const_data_ptr<acc_t>();
+    at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t oi, acc_t* acc) {
+      const acc_t xv = static_cast<acc_t>(px[xi]);
+      const acc_t d = xv * sc[c] + sh[c] > acc_t(0) ? static_cast<acc_t>(pdy[oi]) : acc_t(0);  // dy * relu'(y)
+      acc[0] += d;
+      acc[1] += d * (xv - mu[c]);
+    });
+    terms = backward_terms(sums[0], sums[1], invstd, g.count(), batch_stats);
+    const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
+      const acc_t xv = static_cast<acc_t>(px[xi]);
+      const acc_t d = xv * sc[c] + sh[c] > acc_t(0) ? static_cast<acc_t>(pdy[oi]) : acc_t(0);
+      pdx[oi] = static_cast<scalar_t>(sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]));
+    });
+  });
+  return {dx, terms.dweight, terms.dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m) {
+  m.impl("bn_relu_stats", &stats_cuda);
+  m.impl("bn_relu_forward", &forward_cuda);
+  m.impl("bn_relu_backward", &backward_cuda);
+}
+
+}  // namespace bn_relu
+}  // namespace fastblocks

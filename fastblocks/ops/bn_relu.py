@@ -1,0 +1,400 @@
+"""Fused BatchNorm + ReLU, ``relu((x - mean) * invstd * weight + bias)``, over a channel slice of a buffer.
+
+Built for memory-efficient DenseNet (Pleiss et al. 2017): a dense block keeps one feature buffer
+``buf`` of [N, C_total, H, W] and every layer normalises the view ``buf[:, :c]``. The kernels read
+that view in place: in NCHW each image's [c, H, W] block is contiguous (the images are C_total * H * W
+apart), in channels_last each pixel's c channels are contiguous (the pixels are C_total apart), so
+each layout has one free stride. Outputs are dense in the layout of the input.
+
+Three registered ops:
+    fastblocks::bn_relu_stats(x)                    -> per-channel batch mean, biased variance
+    fastblocks::bn_relu(x, mean, invstd, weight, bias, batch_stats)            -> y
+    fastblocks::bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats) -> dx, dweight, dbias
+The statistics are separate from the normalisation so that a dense block computes the statistics of
+each channel once (its values never change after it is written) and every later layer reuses them.
+Backward saves x (a view, no copy) and the per-channel mean / invstd and recomputes the rest; with
+``batch_stats`` the gradient flows through the batch mean and variance as in ``nn.BatchNorm2d``.
+Statistics, weights and gradients of weights are float32 (float64 for float64 inputs); variances
+are computed in two passes (the corrected two-pass algorithm: a first mean, then the sums of d and
+d^2 with d = x - mean, which also remove the first mean's rounding error), so there is no cancellation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastblocks import _ext
+from fastblocks._backend import register_op, resolve
+from fastblocks.ops._common import check_tensor, like
+from fastblocks.ops._triton import acc_type, tl, triton
+
+register_op("bn_relu", "bn_relu_forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: NCHW or channels_last, possibly a channel slice of a larger tensor.
+# ---------------------------------------------------------------------------------------------
+
+def _slice_layout(x: Tensor) -> bool | None:
+    """False for NCHW (each image contiguous), True for channels_last (each pixel's channels
+    contiguous, uniform pixel stride), None otherwise. Mirrors geometry() in csrc/bn_relu/bn_relu.h."""
+    N, C, H, W = x.shape
+    if x.numel() == 0 or x[0].is_contiguous():
+        return False
+    sN, sC, sH, sW = x.stride()
+    s = sW if W > 1 else sH if H > 1 else sN if N > 1 else C
+    nhwc = (C == 1 or sC == 1) and (W == 1 or sW == s) and (H == 1 or sH == W * s) and (N == 1 or sN == H * W * s)
+    return True if nhwc else None
+
+
+def _normalise(x: Tensor) -> tuple[Tensor, bool]:
+    """x (a copy if its layout is neither) and whether it is channels_last."""
+    channels_last = _slice_layout(x)
+    if channels_last is None:
+        return x.contiguous(), False
+    return x, channels_last
+
+
+def _x_stride(x: Tensor, channels_last: bool) -> int:
+    """The one free stride: between pixels (channels_last) or between images (NCHW)."""
+    N, C, H, W = x.shape
+    if channels_last:
+        return x.stride(3) if W > 1 else x.stride(2) if H > 1 else x.stride(0) if N > 1 else C
+    return x.stride(0) if N > 1 else C * H * W
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _empty_out(x: Tensor, channels_last: bool) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the statistics, weights and weight gradients: float64 for float64 x, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """y = relu(x * scale + shift); the same formula in forward and in the recomputed mask."""
+    scale = weight * invstd
+    return scale, bias - mean * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure PyTorch): the `torch` backend and the test oracle.
+# ---------------------------------------------------------------------------------------------
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t[:, None, None]
+
+
+def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(x.to(stat_dtype(x)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _forward_torch(x, mean, invstd, weight, bias, channels_last):
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    y = torch.relu(x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
+    return y.contiguous(memory_format=_format(channels_last))
+
+
+def _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, channels_last):
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    xf = x.to(scale.dtype)
+    dym = torch.where(xf * _per_channel(scale) + _per_channel(shift) > 0, grad.to(scale.dtype), 0)
+    xmu = xf - _per_channel(mean)
+    dbias = dym.sum((0, 2, 3))
+    dweight = (dym * xmu).sum((0, 2, 3)) * invstd
+    count = x.numel() // max(x.shape[1], 1)
+    if batch_stats and count:
+        dym = dym - _per_channel(dbias / count) - xmu * _per_channel(dweight * invstd / count)
+    dx = (dym * _per_channel(scale)).to(x.dtype).contiguous(memory_format=_format(channels_last))
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Value j of channel c (j over the N * H * W pixels) is at x_index in x and
+# out_index in the dense y / grad / dx. Each reduction program owns a tile of channels.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _indices(j, c, C, HW, x_stride, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return j * x_stride + c, j * C + c
+    else:
+        n = j // HW
+        p = j - n * HW
+        return n * x_stride + c * HW + p, (n * C + c) * HW + p
+
+
+@triton.jit
+def _stats_kernel(X, MEAN, VAR, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    total = tl.zeros([BLOCK_C], dtype=ACC)
+    for j0 in range(0, count, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        mask = (j < count)[:, None] & cmask[None, :]
+        xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        total += tl.sum(tl.load(X + xi, mask=mask, other=0.0).to(ACC), axis=0)
+    mean = total / count
+    sum_d = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_d2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for j0 in range(0, count, BLOCK_J):  # second pass around the first mean: no cancellation
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        mask = (j < count)[:, None] & cmask[None, :]
+        xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        d = tl.where(mask, tl.load(X + xi, mask=mask, other=0.0).to(ACC) - mean[None, :], 0.0)
+        sum_d += tl.sum(d, axis=0)
+        sum_d2 += tl.sum(d * d, axis=0)
+    shift = sum_d / count  # the rounding error of the first mean, removed from both
+    tl.store(MEAN + c, mean + shift, mask=cmask)
+    tl.store(VAR + c, tl.maximum(sum_d2 / count - shift * shift, 0.0), mask=cmask)
+
+
+@triton.jit
+def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (j < count)[:, None] & cmask[None, :]
+    xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+    scale = tl.load(SCALE + c, mask=cmask, other=0.0)
+    shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
+    x = tl.load(X + xi, mask=mask, other=0.0)
+    y = tl.maximum(x.to(ACC) * scale[None, :] + shift[None, :], 0.0)
+    tl.store(Y + oi, y.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(DY, X, MEAN, INVSTD, SCALE, SHIFT, DX, DWEIGHT, DBIAS, C, HW, count, x_stride,
+                     BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Both passes for a tile of channels: the sums of dy * relu' and dy * relu' * (x - mean), then dx."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    scale = tl.load(SCALE + c, mask=cmask, other=0.0)
+    shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=ACC)
+    for j0 in range(0, count, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        mask = (j < count)[:, None] & cmask[None, :]
+        xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        x = tl.load(X + xi, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
+        dym = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0.0)
+        sum_dy += tl.sum(dym, axis=0)
+        sum_dy_xmu += tl.sum(dym * (x - mean[None, :]), axis=0)
+    dweight = sum_dy_xmu * invstd
+    tl.store(DWEIGHT + c, dweight, mask=cmask)
+    tl.store(DBIAS + c, sum_dy, mask=cmask)
+    if BATCH_STATS:
+        a = sum_dy / count
+        b = dweight * invstd / count
+    else:
+        a = tl.zeros([BLOCK_C], dtype=ACC)
+        b = tl.zeros([BLOCK_C], dtype=ACC)
+    for j0 in range(0, count, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        mask = (j < count)[:, None] & cmask[None, :]
+        xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        xr = tl.load(X + xi, mask=mask, other=0.0)
+        x = xr.to(ACC)
+        dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
+        dym = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0.0)
+        dx = scale[None, :] * (dym - a[None, :] - (x - mean[None, :]) * b[None, :])
+        tl.store(DX + oi, dx.to(xr.dtype), mask=mask)
+
+
+def _tiles(C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_C): wide along the contiguous dimension (channels or pixels)."""
+    if channels_last:
+        return 32, min(64, triton.next_power_of_2(C))
+    return 256, min(4, triton.next_power_of_2(C))
+
+
+def _geometry(x: Tensor, channels_last: bool) -> tuple[int, int, int, int]:
+    N, C, H, W = x.shape
+    return C, H * W, N * H * W, _x_stride(x, channels_last)
+
+
+def _stats_triton(x, channels_last):
+    C, HW, count, xs = _geometry(x, channels_last)
+    mean = torch.zeros(C, dtype=stat_dtype(x), device=x.device)
+    var = torch.zeros_like(mean)
+    if count and C:
+        bj, bc = _tiles(C, channels_last)
+        _stats_kernel[(triton.cdiv(C, bc),)](x, mean, var, C, HW, count, xs, CHANNELS_LAST=channels_last,
+                                             ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
+    return mean, var
+
+
+def _forward_triton(x, mean, invstd, weight, bias, channels_last):
+    C, HW, count, xs = _geometry(x, channels_last)
+    y = _empty_out(x, channels_last)
+    if y.numel():
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        bj, bc = _tiles(C, channels_last)
+        _forward_kernel[(triton.cdiv(count, bj), triton.cdiv(C, bc))](
+            x, scale, shift, y, C, HW, count, xs, CHANNELS_LAST=channels_last, ACC=acc_type(x), BLOCK_J=bj,
+            BLOCK_C=bc)
+    return y
+
+
+def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, channels_last):
+    C, HW, count, xs = _geometry(x, channels_last)
+    dx = _empty_out(x, channels_last)
+    dweight, dbias = torch.zeros_like(mean), torch.zeros_like(mean)
+    if dx.numel():
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        bj, bc = _tiles(C, channels_last)
+        _backward_kernel[(triton.cdiv(C, bc),)](grad, x, mean, invstd, scale, shift, dx, dweight, dbias, C, HW,
+                                               count, xs, BATCH_STATS=batch_stats, CHANNELS_LAST=channels_last,
+                                               ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend dispatch on a resolved backend name. DenseNet's block calls these directly (no autograd,
+# no custom-op overhead); the registered ops below call them too.
+# ---------------------------------------------------------------------------------------------
+
+def batch_stats(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x over N, H, W, in ``stat_dtype(x)``. No autograd."""
+    x, channels_last = _normalise(x)
+    if impl == "torch":
+        return _stats_torch(x)
+    if impl == "triton":
+        return _stats_triton(x, channels_last)
+    return _ext.op("bn_relu_stats")(x)
+
+
+def bn_relu_forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
+    x, channels_last = _normalise(x)
+    if impl == "torch":
+        return _forward_torch(x, mean, invstd, weight, bias, channels_last)
+    if impl == "triton":
+        return _forward_triton(x, mean, invstd, weight, bias, channels_last)
+    return _ext.op("bn_relu_forward")(x, mean, invstd, weight, bias)
+
+
+def bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                     batch_stats: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dx is dense in x's layout (channels_last or NCHW)."""
+    x, channels_last = _normalise(x)
+    grad = grad.contiguous(memory_format=_format(channels_last))
+    if impl == "torch":
+        return _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, channels_last)
+    if impl == "triton":
+        return _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, channels_last)
+    return _ext.op("bn_relu_backward")(grad, x, mean, invstd, weight, bias, batch_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: torch.ops.fastblocks.* with fake kernels and autograd.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastblocks::bn_relu_stats", mutates_args=())
+def _stats_op(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    return batch_stats(x, impl)
+
+
+@_stats_op.register_fake
+def _(x, impl):
+    mean = x.new_empty(x.shape[1], dtype=stat_dtype(x))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("fastblocks::bn_relu", mutates_args=())
+def _bn_relu_op(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool,
+                impl: str) -> Tensor:
+    return bn_relu_forward(x, mean, invstd, weight, bias, impl)
+
+
+@_bn_relu_op.register_fake
+def _(x, mean, invstd, weight, bias, batch_stats, impl):
+    return _empty_out(*_normalise(x))
+
+
+@torch.library.custom_op("fastblocks::bn_relu_backward", mutates_args=())
+def _bn_relu_backward_op(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                         batch_stats: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    return bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats, impl)
+
+
+@_bn_relu_backward_op.register_fake
+def _(grad, x, mean, invstd, weight, bias, batch_stats, impl):
+    return _empty_out(*_normalise(x)), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _setup(ctx, inputs, output):
+    x, mean, invstd, weight, bias, ctx.batch_stats, ctx.impl = inputs
+    ctx.save_for_backward(x, mean, invstd, weight, bias)
+
+
+def _grad(ctx, grad):
+    x, mean, invstd, weight, bias = ctx.saved_tensors
+    grad = like(grad, _empty_out(*_normalise(x)))
+    dx, dweight, dbias = torch.ops.fastblocks.bn_relu_backward(grad, x, mean, invstd, weight, bias,
+                                                               ctx.batch_stats, ctx.impl)
+    return dx, None, None, dweight, dbias, None, None
+
+
+_bn_relu_op.register_autograd(_grad, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API.
+# ---------------------------------------------------------------------------------------------
+
+def _check_channel_vector(t, name: str, x: Tensor) -> None:
+    check_tensor(t, name)
+    if t.shape != (x.shape[1],):
+        raise ValueError(f"{name} must have shape [C] = [{x.shape[1]}], got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def bn_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None = None,
+            running_var: Tensor | None = None, training: bool = True, eps: float = 1e-5,
+            impl: str | None = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(batch_norm(x))`` as one fused op; returns ``(y, mean, var)``.
+
+    With ``training=True`` (or no running statistics) x is normalised with its own batch statistics
+    and ``mean`` / ``var`` are those (biased variance), for the caller to fold into its running
+    statistics (``fastblocks.nn._batchnorm.update_running_stats``). Otherwise ``running_mean`` /
+    ``running_var`` normalise and are returned. ``weight`` / ``bias`` may be None (affine=False).
+    x may be a channel slice of an NCHW or channels_last buffer; it is read in place.
+    """
+    check_tensor(x, "x", ndim=4)
+    C = x.shape[1]
+    dtype = stat_dtype(x)
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None:
+            _check_channel_vector(t, name, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    use_batch = training or running_mean is None
+    if use_batch and x.numel() // max(C, 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    impl = resolve("bn_relu", impl, x)
+    if use_batch:
+        mean, var = torch.ops.fastblocks.bn_relu_stats(x.detach(), impl)
+    else:
+        mean, var = running_mean.to(dtype), running_var.to(dtype)
+    weight = torch.ones(C, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
+    bias = torch.zeros(C, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
+    invstd = torch.rsqrt(var + eps)
+    y = torch.ops.fastblocks.bn_relu(x, mean, invstd, weight, bias, use_batch, impl)
+    return y, mean, var
+
+
+__all__ = ["bn_relu", "batch_stats", "bn_relu_forward", "bn_relu_backward", "stat_dtype"]

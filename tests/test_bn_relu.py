@@ -1,0 +1,186 @@
+"""Fused BatchNorm + ReLU (fastblocks.ops.bn_relu) against F.batch_norm + F.relu, for every backend,
+on dense tensors and on channel slices of NCHW and channels_last buffers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastblocks
+from fastblocks import ops
+from fastblocks.ops.bn_relu import batch_stats
+from tests.conftest import require_backend
+
+LAYOUTS = ["contiguous", "channels_last", "slice", "slice_channels_last", "strided"]
+
+
+def _input(shape, layout, dtype=torch.float32, device="cpu", extra=5):
+    """x of `shape` in `layout`; the slices are x = buf[:, :C] of a buffer with `extra` more channels."""
+    N, C, H, W = shape
+    buf = torch.randn(N, C + extra, H, W, dtype=torch.float64, device=device).mul_(2).add_(0.5).to(dtype)
+    if layout in ("channels_last", "slice_channels_last"):
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    if layout.startswith("slice"):
+        return buf[:, :C]
+    if layout == "strided":  # neither layout: every other column
+        return buf[:, :C].contiguous()[..., ::2]
+    return buf[:, :C].contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                 else torch.contiguous_format)
+
+
+def _reference(x, w, b, rm=None, rv=None, training=True, eps=1e-5):
+    return F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, eps))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 20, 3, 3), (3, 67, 4, 2)])
+def test_matches_batch_norm_relu(backend, device, layout, training, shape):
+    require_backend("bn_relu", backend, device)
+    C = shape[1]
+    x = _input(shape, layout, device=device).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    y, mean, var = ops.bn_relu(x, w, b, rm, rv, training, 1e-5, impl=backend)
+    yr = _reference(xr, w, b, rm.clone(), rv.clone(), training)
+    torch.testing.assert_close(y, yr)
+    if layout.endswith("channels_last") and min(shape[1], shape[2] * shape[3]) > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    if training:
+        torch.testing.assert_close(mean, xr.detach().mean((0, 2, 3)))
+        torch.testing.assert_close(var, xr.detach().var((0, 2, 3), unbiased=False))
+    dy = torch.randn_like(yr)
+    grads = torch.autograd.grad(y, [x, w, b], dy)
+    grads_ref = torch.autograd.grad(yr, [xr, w, b], dy)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-4)
+
+
+def test_slice_is_read_in_place_not_copied(backend):
+    """The view of the block buffer is what backward saves: no copy of the slice."""
+    require_backend("bn_relu", backend)
+    for layout in ("slice", "slice_channels_last"):
+        x = _input((2, 6, 3, 4), layout).requires_grad_()
+        w, b = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            ops.bn_relu(x, w, b, impl=backend)
+        ptrs = {t.untyped_storage().data_ptr() for t in saved if t.dim() == 4}
+        assert ptrs == {x.untyped_storage().data_ptr()}
+
+
+def test_variance_without_cancellation(backend):
+    """A large mean and a tiny spread: a one-pass sum of squares in float32 would lose the variance."""
+    require_backend("bn_relu", backend)
+    x = (1000 + 1e-2 * torch.randn(4, 3, 8, 8, dtype=torch.float64)).float()
+    mean, var = batch_stats(x, backend)
+    exact = x.double().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var.double(), exact, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "slice", "slice_channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(backend, device, layout, training):
+    require_backend("bn_relu", backend, device, torch.float64)
+    x = _input((2, 3, 2, 3), layout, torch.float64, device).requires_grad_()
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    rm = torch.randn(3, dtype=torch.float64, device=device)
+    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    assert torch.autograd.gradcheck(lambda t, w, b: ops.bn_relu(t, w, b, rm, rv, training, impl=backend)[0], (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "slice_channels_last"])
+def test_low_precision_error_within_twice_eager(backend, device, dtype, layout):
+    require_backend("bn_relu", backend, device, dtype)
+    x = _input((4, 24, 9, 9), layout, dtype, device)
+    w = torch.rand(24, device=device) + 0.5
+    b = torch.randn(24, device=device)
+    exact = _reference(x.double(), w.double(), b.double())
+    err_fb = (ops.bn_relu(x, w, b, impl=backend)[0].double() - exact).abs().max()
+    err_eager = (_reference(x, w.to(dtype), b.to(dtype)).double() - exact).abs().max()
+    assert err_fb <= 2 * err_eager + 1e-6
+
+
+def test_affine_false_and_no_running_stats(backend):
+    require_backend("bn_relu", backend)
+    x = _input((2, 5, 3, 3), "slice")
+    y, _, _ = ops.bn_relu(x, None, None, impl=backend)
+    torch.testing.assert_close(y, _reference(x, None, None))
+
+
+def test_opcheck(backend):
+    require_backend("bn_relu", backend)
+    for layout in ("contiguous", "slice", "slice_channels_last"):
+        x = _input((2, 6, 3, 5), layout).requires_grad_()
+        mean, var = torch.ops.fastblocks.bn_relu_stats(x.detach(), backend)
+        torch.library.opcheck(torch.ops.fastblocks.bn_relu_stats.default, (x.detach(), backend))
+        invstd = torch.rsqrt(var + 1e-5)
+        w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+        torch.library.opcheck(torch.ops.fastblocks.bn_relu.default, (x, mean, invstd, w, b, True, backend))
+        y = torch.ops.fastblocks.bn_relu(x, mean, invstd, w, b, True, backend)
+        torch.library.opcheck(torch.ops.fastblocks.bn_relu_backward.default,
+                              (torch.randn_like(y), x.detach(), mean, invstd, w.detach(), b.detach(), False, backend))
+
+
+@pytest.mark.parametrize("compile_backend", ["torch", "cpp"])
+def test_compile_fullgraph(compile_backend):
+    require_backend("bn_relu", compile_backend)
+    torch._dynamo.reset()
+    w, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+
+    def f(buf):
+        return ops.bn_relu(buf[:, :5], w, b, impl=compile_backend)[0].sum()
+
+    buf = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(buf)
+    torch.testing.assert_close(out, f(buf))
+    out.backward()
+    expected = torch.autograd.grad(f(buf), buf)[0]
+    torch.testing.assert_close(buf.grad, expected)
+
+
+def test_empty_batch(backend):
+    require_backend("bn_relu", backend)
+    x = torch.empty(0, 3, 4, 4, requires_grad=True)
+    y, _, _ = ops.bn_relu(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), training=False,
+                          impl=backend)
+    assert y.shape == x.shape
+
+
+def test_bad_inputs_give_clear_errors():
+    x = torch.randn(2, 3, 4, 4)
+    w = torch.ones(3)
+    with pytest.raises(ValueError, match=r"x must be \[N, C, H, W\]"):
+        ops.bn_relu(torch.randn(2, 3), w, w)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        ops.bn_relu(torch.ones(2, 3, 4, 4, dtype=torch.int64), w, w)
+    with pytest.raises(ValueError, match=r"weight must have shape \[C\] = \[3\]"):
+        ops.bn_relu(x, torch.ones(4), w)
+    with pytest.raises(ValueError, match="running_mean and running_var must both be given"):
+        ops.bn_relu(x, w, w, running_mean=torch.zeros(3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ops.bn_relu(torch.randn(1, 3, 1, 1), w, w)
+    with pytest.raises(ValueError, match="impl= must be one of"):
+        ops.bn_relu(x, w, w, impl="fast")
+    with pytest.raises(fastblocks.BackendUnavailable, match="cuda backend runs CUDA tensors|without CUDA|not built"):
+        ops.bn_relu(x, w, w, impl="cuda")
+
+
+def test_extension_checks_its_inputs():
+    require_backend("bn_relu", "cpp")
+    ext = torch.ops.fastblocks_ext
+    x = torch.randn(2, 3, 4, 4)
+    c = torch.ones(3)
+    with pytest.raises(RuntimeError, match="x must be NCHW or channels_last"):
+        ext.bn_relu_stats(x[..., ::2])
+    with pytest.raises(RuntimeError, match="mean must be a contiguous"):
+        ext.bn_relu_forward(x, torch.ones(4), c, c, c)
+    with pytest.raises(RuntimeError, match="invstd must be Float"):
+        ext.bn_relu_forward(x, c, c.double(), c, c)
+    with pytest.raises(RuntimeError, match="grad must be dense"):
+        ext.bn_relu_backward(x.transpose(2, 3), x, c, c, c, c, True)
