@@ -1,0 +1,129 @@
+// The shift operation (fastblocks/ops/shift.py): schemas and C++ CPU kernels; the CUDA kernels are
+// in shift_cuda.cu. Pure data movement: row copies (NCHW) or per-group channel copies (channels_last).
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "shift.h"
+
+namespace fastblocks {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task
+
+using shift::Params;
+using Taps = shift::Taps<shift::Divider>;
+
+// NCHW: output row (n, c, i) copies input row (n, c, sy) from column offset dx, zero elsewhere.
+template <typename scalar_t>
+void shift_nchw(const scalar_t* in, scalar_t* out, const Params& p, const Taps& taps) {
+  const int64_t plane_in = p.h_in * p.w_in, plane_out = p.h_out * p.w_out;
+  const bool unit = p.mul == 1 && p.div == 1;  // stride 1: w_in == w_out and a row is one memcpy
+  const scalar_t zero(0);
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(plane_out, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      int64_t dy, dx;
+      taps.offset(nc % p.C, dy, dx);
+      const int64_t j0 = std::clamp<int64_t>(-dx, 0, p.w_out);  // [j0, j1): columns with a source
+      const int64_t j1 = std::clamp<int64_t>(p.w_in - dx, j0, p.w_out);
+      for (int64_t i = 0; i < p.h_out; ++i) {
+        scalar_t* o = out + nc * plane_out + i * p.w_out;
+        const int64_t sy = shift::source(i, dy, p.mul, p.div, p.h_in);
+        if (sy < 0) {
+          std::fill_n(o, p.w_out, zero);
+          continue;
+        }
+        const scalar_t* row = in + nc * plane_in + sy * p.w_in;
+        if (unit) {
+          std::fill(o, o + j0, zero);
+          std::copy(row + j0 + dx, row + j1 + dx, o + j0);
+          std::fill(o + j1, o + p.w_out, zero);
+        } else {
+          for (int64_t j = 0; j < p.w_out; ++j) {
+            const int64_t sx = shift::source(j, dx, p.mul, p.div, p.w_in);
+            o[j] = sx < 0 ? zero : row[sx];
+          }
+        }
+      }
+    }
+  });
+}
+
+// channels_last: every output pixel is a row of C channels; each tap group is a contiguous run of
+// channels copied from one source pixel. Per output row (n, i), one pass per group: the reads of a
+// pass are one constant-stride stream (prefetcher-friendly) and the output row stays in cache.
+template <typename scalar_t>
+void shift_nhwc(const scalar_t* in, scalar_t* out, const Params& p, const Taps& taps) {
+  struct Group {
+    int64_t c0, c1, dy, dx;
+  };
+  std::vector<Group> groups;
+  for (int64_t c = 0; c < p.C;) {
+    Group g{c, c < taps.shifted ? c + taps.group.divisor : p.C, 0, 0};
+    taps.offset(c, g.dy, g.dx);
+    groups.push_back(g);
+    c = g.c1;
+  }
+  const scalar_t zero(0);
+  at::parallel_for(0, p.N * p.h_out, std::max<int64_t>(1, kGrain / std::max<int64_t>(p.w_out * p.C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t ni = begin; ni < end; ++ni) {
+      const int64_t n = ni / p.h_out, i = ni % p.h_out;
+      scalar_t* orow = out + ni * p.w_out * p.C;
+      for (const Group& g : groups) {
+        const int64_t sy = shift::source(i, g.dy, p.mul, p.div, p.h_in);
+        const scalar_t* irow = in + (n * p.h_in + std::max<int64_t>(sy, 0)) * p.w_in * p.C + g.c0;
+        for (int64_t j = 0; j < p.w_out; ++j) {
+          scalar_t* o = orow + j * p.C + g.c0;
+          const int64_t sx = sy < 0 ? -1 : shift::source(j, g.dx, p.mul, p.div, p.w_in);
+          if (sx < 0) {
+            std::fill(o, o + (g.c1 - g.c0), zero);
+          } else {
+            std::copy_n(irow + sx * p.C, g.c1 - g.c0, o);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor shift_cpu(const at::Tensor& in, int64_t kernel_size, int64_t dilation, int64_t stride, bool forward,
+                     int64_t height = 0, int64_t width = 0) {
+  auto [out, p, channels_last] = shift::prepare(in, kernel_size, dilation, stride, forward, height, width);
+  if (out.numel() == 0) return out;
+  const Taps taps = shift::make_taps<shift::Divider>(p.C, kernel_size, dilation, forward);
+  FB_DISPATCH_FLOATING_TYPES(in.scalar_type(), "shift_cpu", [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    if (channels_last) {
+      shift_nhwc<scalar_t>(src, dst, p, taps);
+    } else {
+      shift_nchw<scalar_t>(src, dst, p, taps);
+    }
+  });
+  return out;
+}
+
+at::Tensor shift_forward_cpu(const at::Tensor& x, int64_t kernel_size, int64_t dilation, int64_t stride) {
+  return shift_cpu(x, kernel_size, dilation, stride, /*forward=*/true);
+}
+
+at::Tensor shift_backward_cpu(const at::Tensor& grad, int64_t kernel_size, int64_t dilation, int64_t stride,
+                              int64_t height, int64_t width) {
+  return shift_cpu(grad, kernel_size, dilation, stride, /*forward=*/false, height, width);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
+  m.def("shift_forward(Tensor x, int kernel_size, int dilation, int stride) -> Tensor");
+  m.def("shift_backward(Tensor grad, int kernel_size, int dilation, int stride, int height, int width) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
+  m.impl("shift_forward", &shift_forward_cpu);
+  m.impl("shift_backward", &shift_backward_cpu);
+}
+
+}  // namespace fastblocks
