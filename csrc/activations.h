@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FB_HOST_DEVICE __host__ __device__ __forceinline__
@@ -37,6 +38,81 @@ FB_HOST_DEVICE T hardswish(T x) {
 template <typename T>
 FB_HOST_DEVICE T hardswish_grad(T x) {
   return x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
+}
+
+template <typename T>
+FB_HOST_DEVICE T relu(T x) {
+  return x > T(0) ? x : T(0);
+}
+
+// d/dx relu: 1 for x > 0, 0 from 0 down (aten threshold_backward).
+template <typename T>
+FB_HOST_DEVICE T relu_grad(T x) {
+  return x > T(0) ? T(1) : T(0);
+}
+
+template <typename T>
+FB_HOST_DEVICE T relu6(T x) {
+  return clamp_(x, T(0), T(6));
+}
+
+// d/dx relu6: 1 strictly inside (0, 6), 0 elsewhere (aten hardtanh_backward).
+template <typename T>
+FB_HOST_DEVICE T relu6_grad(T x) {
+  return (x > T(0) && x < T(6)) ? T(1) : T(0);
+}
+
+template <typename T>
+FB_HOST_DEVICE T sigmoid(T x) {
+  using std::exp;
+  return T(1) / (T(1) + exp(-x));
+}
+
+template <typename T>
+FB_HOST_DEVICE T silu(T x) {
+  return x * sigmoid(x);
+}
+
+// d/dx silu = s * (1 + x * (1 - s)) with s = sigmoid(x) (aten silu_backward).
+template <typename T>
+FB_HOST_DEVICE T silu_grad(T x) {
+  const T s = sigmoid(x);
+  return s * (T(1) + x * (T(1) - s));
+}
+
+// Activation codes shared with Python (index in fastblocks/ops/dwconv_bn_act.py: ACTIVATIONS), and the
+// compile-time selection that fused kernels take as a template argument.
+enum Activation : int { kIdentity = 0, kReLU = 1, kReLU6 = 2, kSiLU = 3, kHardSwish = 4, kNumActivations = 5 };
+
+template <int ACT, typename T>
+FB_HOST_DEVICE T activate(T x) {
+  if constexpr (ACT == kReLU) return relu(x);
+  else if constexpr (ACT == kReLU6) return relu6(x);
+  else if constexpr (ACT == kSiLU) return silu(x);
+  else if constexpr (ACT == kHardSwish) return hardswish(x);
+  else return x;
+}
+
+template <int ACT, typename T>
+FB_HOST_DEVICE T activate_grad(T x) {
+  if constexpr (ACT == kReLU) return relu_grad(x);
+  else if constexpr (ACT == kReLU6) return relu6_grad(x);
+  else if constexpr (ACT == kSiLU) return silu_grad(x);
+  else if constexpr (ACT == kHardSwish) return hardswish_grad(x);
+  else return T(1);
+}
+
+// Calls f(std::integral_constant<int, ACT>{}) for a runtime activation code; false if unknown.
+template <typename F>
+bool dispatch_activation(int64_t act, F&& f) {
+  switch (act) {
+    case kIdentity: f(std::integral_constant<int, kIdentity>{}); return true;
+    case kReLU: f(std::integral_constant<int, kReLU>{}); return true;
+    case kReLU6: f(std::integral_constant<int, kReLU6>{}); return true;
+    case kSiLU: f(std::integral_constant<int, kSiLU>{}); return true;
+    case kHardSwish: f(std::integral_constant<int, kHardSwish>{}); return true;
+    default: return false;
+  }
 }
 
 }  // namespace fastblocks

@@ -1,0 +1,49 @@
+"""Fused depthwise conv + BatchNorm + SiLU (the MBConv depthwise stage) against torchvision's
+Conv2dNormActivation: training forward, forward+backward and eval (inference, no_grad)."""
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+
+from bench.harness import VARIANTS
+from fastblocks.nn import DWConvBNAct
+
+# (N, C, H, W, kernel, stride): EfficientNet-B0 / MobileNetV2 depthwise layers (issue 4); quick = CPU-sized.
+CASES = {
+    "quick": [(4, 144, 28, 28, 3, 1), (4, 240, 14, 14, 5, 1), (4, 96, 56, 56, 3, 2)],
+    "full": [(64, 144, 56, 56, 3, 1), (64, 240, 28, 28, 5, 1), (64, 96, 112, 112, 3, 2)],
+}
+
+
+def _inference(module):
+    def run(x):
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pass_", ["forward", "forward+backward", "eval"])
+@pytest.mark.parametrize("case", range(3))
+def test_dwconv_bn_act(fb_bench, variant, pass_, case):
+    N, C, H, W, k, s = fb_bench.case(CASES, case)
+    ref = fb_bench.module(Conv2dNormActivation(C, C, k, s, groups=C, activation_layer=nn.SiLU))
+    ref.train(pass_ != "eval")
+    wrap = _inference if pass_ == "eval" else (lambda m: m)
+    fused = {}
+
+    def make(impl):
+        fused["module"] = DWConvBNAct.from_module(ref, impl=impl)
+        return wrap(fused["module"])
+
+    fn = fb_bench.pick(variant, "dwconv_bn_act", eager=wrap(ref), fastblocks=make)
+    x = fb_bench.input((N, C, H, W), requires_grad=pass_ == "forward+backward")
+    y_bytes = x.nbytes // (s * s)
+    # Compulsory traffic of the fused GPU kernels: eval reads x and writes y; the training forward
+    # reads x twice (statistics, then output) and writes y; backward reads dy and x twice, writes
+    # and reads dz, and writes dx.
+    moved = {"eval": x.nbytes + y_bytes,
+             "forward": 2 * x.nbytes + y_bytes,
+             "forward+backward": 5 * x.nbytes + 5 * y_bytes}[pass_]
+    fb_bench.run(fn, x, op="dwconv_bn_act", case=(N, C, H, W, f"k{k}", f"s{s}"), pass_=pass_, bytes_moved=moved,
+                 items=N, params=list(fused.get("module", ref).parameters()))

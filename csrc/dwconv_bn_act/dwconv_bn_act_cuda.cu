@@ -1,0 +1,418 @@
+// Depthwise conv + per-channel affine + activation: CUDA kernels (see dwconv_bn_act.cpp for the
+// four raw kernels and their math). All of them are memory-bound; the design keeps every global
+// access coalesced and reads each input once per pass, relying on L1/L2 for the K*K tap reuse:
+//  - elementwise passes (forward, dx): one thread per output (input) element in memory order, so
+//    consecutive threads touch consecutive addresses in both layouts (W for NCHW, C for NHWC);
+//  - reductions (stats, grad_stats, dz + dw): a block of TC channel lanes x TP pixel lanes per
+//    (channel tile, image, pixel split): TC = 32, TP = 8 for channels_last (a warp reads 32
+//    consecutive channels), TC = 1, TP = 256 for NCHW (a warp reads 32 consecutive pixels). Each
+//    thread accumulates in registers, the block combines its TP lanes in shared memory and writes
+//    one partial row per (image, split); the host side finishes with a [P, C] reduction.
+#include "activations.h"
+#include "cuda_utils.cuh"
+#include "dwconv_bn_act/dwconv_bn_act.h"
+
+namespace fastblocks {
+namespace {
+
+using dwconv::DWGeometry;
+using cuda::kThreads;
+
+template <typename F>
+void dispatch_kernel_size(int64_t K, F&& f) {
+  switch (K) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: TORCH_CHECK(false, "the depthwise kernels support kernel sizes 3, 5 and 7, got ", K);
+  }
+}
+
+// Offsets of plane (n, c) and element strides along H and W of an [N, C, h, w] tensor in g's layout.
+struct PlaneIndex {
+  int64_t base, sh, sw;
+  __device__ __forceinline__ PlaneIndex(const DWGeometry& g, int64_t n, int64_t c, int64_t h, int64_t w)
+      : base(g.channels_last ? n * h * w * g.C + c : (n * g.C + c) * h * w),
+        sh(g.channels_last ? w * g.C : w),
+        sw(g.channels_last ? g.C : 1) {}
+  __device__ __forceinline__ int64_t operator()(int64_t i, int64_t j) const { return base + i * sh + j * sw; }
+};
+
+// (n, c, i, j) of flat element `idx` of an [N, C, h, w] tensor in g's memory order.
+__device__ __forceinline__ void decode(const DWGeometry& g, int64_t idx, int64_t h, int64_t w, int64_t& n, int64_t& c,
+                                       int64_t& i, int64_t& j) {
+  if (g.channels_last) {
+    c = idx % g.C;
+    idx /= g.C;
+    j = idx % w;
+    idx /= w;
+    i = idx % h;
+    n = idx / h;
+  } else {
+    j = idx % w;
+    idx /= w;
+    i = idx % h;
+    idx /= h;
+    c = idx % g.C;
+    n = idx / g.C;
+  }
+}
+
+// z = conv(x, w)[n, c, oh, ow]; also returns the K*K taps (zero in the padding) when `taps` is given.
+template <int K, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t conv_at(const scalar_t* __restrict__ x, const acc_t* __restrict__ wc,
+                                         const DWGeometry& g, const PlaneIndex& xi, int64_t oh, int64_t ow,
+                                         acc_t* taps = nullptr) {
+  acc_t z = 0;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+      const acc_t v = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? static_cast<acc_t>(x[xi(ih, iw)]) : acc_t(0);
+      if (taps != nullptr) taps[kh * K + kw] = v;
+      z += wc[kh * K + kw] * v;
+    }
+  }
+  return z;
+}
+
+// ---- reductions: block layout, pixel splits, shared-memory combination over the TP lanes ----
+
+struct ReduceShape {
+  int tc, tp;
+  int64_t splits, chunk;  // pixel range [split * chunk, min(pixels, (split + 1) * chunk))
+};
+
+ReduceShape reduce_shape(const DWGeometry& g) {
+  ReduceShape r;
+  r.tc = g.channels_last ? 32 : 1;
+  r.tp = kThreads / r.tc;
+  const int64_t pixels = g.Ho * g.Wo;
+  r.splits = std::min<int64_t>(65535, std::max<int64_t>(1, pixels / (r.tp * 16)));  // ~16 pixels per thread
+  r.chunk = (pixels + r.splits - 1) / r.splits;
+  TORCH_CHECK(g.N <= 65535, "dwconv_bn_act: batch size above 65535 is not supported by the CUDA kernels");
+  return r;
+}
+
+dim3 reduce_grid(const DWGeometry& g, const ReduceShape& r) {
+  return dim3((g.C + r.tc - 1) / r.tc, g.N, r.splits);
+}
+
+// Sums v over threadIdx.y in shared memory; the result is valid in the threads with threadIdx.y == 0.
+template <typename acc_t>
+__device__ acc_t block_sum_over_pixels(acc_t v, acc_t* smem) {
+  const int tx = threadIdx.x, ty = threadIdx.y, tc = blockDim.x;
+  smem[ty * tc + tx] = v;
+  __syncthreads();
+  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+    if (ty < s) smem[ty * tc + tx] += smem[(ty + s) * tc + tx];
+    __syncthreads();
+  }
+  const acc_t total = smem[tx];
+  __syncthreads();  // smem is reused by the next call
+  return total;
+}
+
+// Per-channel (mean, M2) of z over this block's pixels: Welford per thread, Chan's combination over
+// the TP lanes. Reads x once; writes one partial row.
+template <typename scalar_t, int K>
+__global__ void stats_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ w,
+                             at::opmath_type<scalar_t>* __restrict__ mean_out, at::opmath_type<scalar_t>* __restrict__ m2_out,
+                             at::opmath_type<scalar_t>* __restrict__ count_out, DWGeometry g, int64_t chunk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [3][TP][TC]
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  acc_t cnt = 0, mean = 0, m2 = 0;
+  if (c < g.C) {
+    const PlaneIndex xi(g, n, c, g.H, g.W);
+    const acc_t* wc = w + c * K * K;
+    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const acc_t z = conv_at<K>(x, wc, g, xi, p / g.Wo, p % g.Wo);
+      cnt += 1;
+      const acc_t d = z - mean;
+      mean += d / cnt;
+      m2 += d * (z - mean);
+    }
+  }
+  const int tc = blockDim.x, tx = threadIdx.x, ty = threadIdx.y, lanes = blockDim.x * blockDim.y;
+  acc_t *sc = smem, *sm = smem + lanes, *s2 = smem + 2 * lanes;
+  sc[ty * tc + tx] = cnt, sm[ty * tc + tx] = mean, s2[ty * tc + tx] = m2;
+  __syncthreads();
+  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+    if (ty < s) {
+      const int a = ty * tc + tx, b = (ty + s) * tc + tx;
+      const acc_t na = sc[a], nb = sc[b], nt = na + nb;
+      if (nb > 0) {
+        const acc_t delta = sm[b] - sm[a];
+        sm[a] += delta * nb / nt;
+        s2[a] += s2[b] + delta * delta * na * nb / nt;
+        sc[a] = nt;
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t row = n * gridDim.z + blockIdx.z;
+  if (ty == 0 && c < g.C) {
+    mean_out[row * g.C + c] = sm[tx];
+    m2_out[row * g.C + c] = s2[tx];
+  }
+  if (ty == 0 && tx == 0 && blockIdx.x == 0) count_out[row] = static_cast<acc_t>(std::max<int64_t>(end - start, 0));
+}
+
+// Reads x; writes y = act(scale * z + shift). One thread per output element, memory order.
+template <typename scalar_t, int K, int ACT>
+__global__ void forward_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ w,
+                               const at::opmath_type<scalar_t>* __restrict__ scale,
+                               const at::opmath_type<scalar_t>* __restrict__ shift, scalar_t* __restrict__ y,
+                               DWGeometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)blockDim.x * gridDim.x) {
+    int64_t n, c, oh, ow;
+    decode(g, idx, g.Ho, g.Wo, n, c, oh, ow);
+    const acc_t z = conv_at<K>(x, w + c * K * K, g, PlaneIndex(g, n, c, g.H, g.W), oh, ow);
+    y[idx] = static_cast<scalar_t>(activate<ACT>(scale[c] * z + shift[c]));
+  }
+}
+
+// Reads dy and x; writes partial sums of g = dy * act'(scale * z + shift) and g * (z - center).
+template <typename scalar_t, int K, int ACT>
+__global__ void grad_stats_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                  const at::opmath_type<scalar_t>* __restrict__ w,
+                                  const at::opmath_type<scalar_t>* __restrict__ scale,
+                                  const at::opmath_type<scalar_t>* __restrict__ shift,
+                                  const at::opmath_type<scalar_t>* __restrict__ center,
+                                  at::opmath_type<scalar_t>* __restrict__ sum_g, at::opmath_type<scalar_t>* __restrict__ sum_gz,
+                                  DWGeometry g, int64_t chunk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  acc_t sg = 0, sgz = 0;
+  if (c < g.C) {
+    const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
+    const acc_t s = scale[c], t = shift[c], mu = center[c];
+    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const int64_t oh = p / g.Wo, ow = p % g.Wo;
+      const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow);
+      const acc_t gv = static_cast<acc_t>(dy[yi(oh, ow)]) * activate_grad<ACT>(s * z + t);
+      sg += gv;
+      sgz += gv * (z - mu);
+    }
+  }
+  sg = block_sum_over_pixels(sg, smem);
+  sgz = block_sum_over_pixels(sgz, smem);
+  const int64_t row = n * gridDim.z + blockIdx.z;
+  if (threadIdx.y == 0 && c < g.C) {
+    sum_g[row * g.C + c] = sg;
+    sum_gz[row * g.C + c] = sgz;
+  }
+}
+
+// Reads dy and x; writes dz = scale * g + p + q * z (dy's dtype and layout) and the partial weight
+// gradient sum(dz * tap) per channel and tap.
+template <typename scalar_t, int K, int ACT>
+__global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                          const at::opmath_type<scalar_t>* __restrict__ w, const at::opmath_type<scalar_t>* __restrict__ scale,
+                          const at::opmath_type<scalar_t>* __restrict__ shift, const at::opmath_type<scalar_t>* __restrict__ p_,
+                          const at::opmath_type<scalar_t>* __restrict__ q_, scalar_t* __restrict__ dz_out,
+                          at::opmath_type<scalar_t>* __restrict__ dw_part, DWGeometry g, int64_t chunk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  acc_t dw[K * K];
+#pragma unroll
+  for (int k = 0; k < K * K; ++k) dw[k] = 0;
+  if (c < g.C) {
+    const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
+    const acc_t s = scale[c], t = shift[c], pc = p_[c], qc = q_[c];
+    acc_t taps[K * K];
+    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const int64_t oh = p / g.Wo, ow = p % g.Wo;
+      const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow, taps);
+      const int64_t o = yi(oh, ow);
+      const acc_t dz = s * static_cast<acc_t>(dy[o]) * activate_grad<ACT>(s * z + t) + pc + qc * z;
+      dz_out[o] = static_cast<scalar_t>(dz);
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) dw[k] += dz * taps[k];
+    }
+  }
+  // Block total of each tap's dw in shared memory [K * K][TC]: NCHW blocks (TC = 1) first sum
+  // each warp's 32 pixel lanes with shuffles, so only one atomic per warp and tap hits an address.
+  const int tc = blockDim.x, tid = threadIdx.y * tc + threadIdx.x, lanes = tc * blockDim.y;
+  for (int i = tid; i < K * K * tc; i += lanes) smem[i] = 0;
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K * K; ++k) {
+    if (tc == 1) {
+      const acc_t v = cuda::warp_sum(dw[k]);
+      if (threadIdx.y % 32 == 0) atomicAdd(&smem[k], v);
+    } else {
+      atomicAdd(&smem[k * tc + threadIdx.x], dw[k]);
+    }
+  }
+  __syncthreads();
+  const int64_t row = n * gridDim.z + blockIdx.z;
+  for (int i = tid; i < K * K * tc; i += lanes) {
+    const int64_t ch = (int64_t)blockIdx.x * tc + i % tc;
+    if (ch < g.C) dw_part[(row * g.C + ch) * K * K + i / tc] = smem[i];
+  }
+}
+
+// Reads dz; writes dx = conv_transpose(dz, w), gathered per input element (no atomics).
+template <typename scalar_t, int K>
+__global__ void dx_kernel(const scalar_t* __restrict__ dz, const at::opmath_type<scalar_t>* __restrict__ w,
+                          scalar_t* __restrict__ dx, DWGeometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)blockDim.x * gridDim.x) {
+    int64_t n, c, ih, iw;
+    decode(g, idx, g.H, g.W, n, c, ih, iw);
+    const PlaneIndex yi(g, n, c, g.Ho, g.Wo);
+    const acc_t* wc = w + c * K * K;
+    acc_t acc = 0;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t th = ih + g.ph - kh * g.dh;
+      if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t tw = iw + g.pw - kw * g.dw;
+        if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
+        acc += wc[kh * K + kw] * static_cast<acc_t>(dz[yi(th / g.sh, tw / g.sw)]);
+      }
+    }
+    dx[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ---- host wrappers ----
+
+template <typename F>
+void dispatch(const at::Tensor& x, int64_t K, int64_t act, const char* name, F&& f) {
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_act_cuda", [&] {
+    dispatch_kernel_size(K, [&](auto k) {
+      const bool known = dispatch_activation(act, [&](auto a) { f(scalar_t(), k, a); });
+      TORCH_CHECK(known, name, ": unknown activation code ", act);
+    });
+  });
+}
+
+template <typename acc_t>
+const acc_t* cptr(const at::Tensor& t) {
+  return t.const_data_ptr<acc_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  const ReduceShape r = reduce_shape(g);
+  const auto opts = weight.options();
+  at::Tensor mean = at::zeros({g.N * r.splits, g.C}, opts), m2 = at::zeros({g.N * r.splits, g.C}, opts);
+  at::Tensor count = at::zeros({g.N * r.splits}, opts);
+  if (x.numel() == 0) return {mean, m2, count};
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch(x, g.K, kIdentity, "dwconv_bn_stats_cuda", [&](auto s, auto k, auto) {
+    using scalar_t = decltype(s);
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, decltype(k)::value>
+        <<<reduce_grid(g, r), dim3(r.tc, r.tp), 3 * kThreads * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), mean.mutable_data_ptr<acc_t>(),
+            m2.mutable_data_ptr<acc_t>(), count.mutable_data_ptr<acc_t>(), g, r.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, m2, count};
+}
+
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  dwconv::check_channel_param(scale, x, g, "scale");
+  dwconv::check_channel_param(shift, x, g, "shift");
+  at::Tensor y = dwconv::empty_output(x, g);
+  if (y.numel() == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch(x, g.K, act, "dwconv_affine_act_forward_cuda", [&](auto s, auto k, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, decltype(k)::value, decltype(a)::value>
+        <<<cuda::num_blocks(y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale), cptr<acc_t>(shift),
+            y.mutable_data_ptr<scalar_t>(), g, y.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_stats_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                                   const at::Tensor& scale, const at::Tensor& shift,
+                                                   const at::Tensor& center, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  dwconv::check_channel_param(scale, x, g, "scale");
+  dwconv::check_channel_param(shift, x, g, "shift");
+  dwconv::check_channel_param(center, x, g, "center");
+  dwconv::check_grad(grad, x, g);
+  const ReduceShape r = reduce_shape(g);
+  at::Tensor sum_g = at::zeros({g.N * r.splits, g.C}, weight.options()), sum_gz = at::zeros_like(sum_g);
+  if (grad.numel() == 0) return {sum_g, sum_gz};
+  const c10::cuda::CUDAGuard guard(x.device());
+  dispatch(x, g.K, act, "dwconv_affine_act_grad_stats_cuda", [&](auto s, auto k, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = at::opmath_type<scalar_t>;
+    grad_stats_kernel<scalar_t, decltype(k)::value, decltype(a)::value>
+        <<<reduce_grid(g, r), dim3(r.tc, r.tp), kThreads * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale),
+            cptr<acc_t>(shift), cptr<acc_t>(center), sum_g.mutable_data_ptr<acc_t>(), sum_gz.mutable_data_ptr<acc_t>(),
+            g, r.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_g, sum_gz};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                                 const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
+                                                 const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t act) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&p, "p"}, {&q, "q"}})
+    dwconv::check_channel_param(*t, x, g, name);
+  dwconv::check_grad(grad, x, g);
+  const ReduceShape r = reduce_shape(g);
+  at::Tensor dw = at::zeros({g.N * r.splits, g.C, g.K, g.K}, weight.options());
+  if (grad.numel() == 0 || x.numel() == 0) return {at::zeros_like(x), dw};
+  at::Tensor dx = at::empty_like(x), dz = at::empty_like(grad);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, g.K, act, "dwconv_affine_act_backward_cuda", [&](auto s, auto k, auto a) {
+    using scalar_t = decltype(s);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int K = decltype(k)::value;
+    dz_kernel<scalar_t, K, decltype(a)::value><<<reduce_grid(g, r), dim3(r.tc, r.tp), K * K * r.tc * sizeof(acc_t), stream>>>(
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale),
+        cptr<acc_t>(shift), cptr<acc_t>(p), cptr<acc_t>(q), dz.mutable_data_ptr<scalar_t>(),
+        dw.mutable_data_ptr<acc_t>(), g, r.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dx_kernel<scalar_t, K><<<cuda::num_blocks(x.numel()), kThreads, 0, stream>>>(
+        dz.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), dx.mutable_data_ptr<scalar_t>(), g, x.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m) {
+  m.impl("dwconv_bn_stats", &stats_cuda);
+  m.impl("dwconv_affine_act_forward", &forward_cuda);
+  m.impl("dwconv_affine_act_grad_stats", &grad_stats_cuda);
+  m.impl("dwconv_affine_act_backward", &backward_cuda);
+}
+
+}  // namespace fastblocks
