@@ -129,13 +129,17 @@ def backends(verbose: bool = True) -> dict[str, dict[str, dict[str, str | None]]
         op: {str(d): {b: why_not(op, b, d, torch.float32) for b in BACKENDS} for d in devices}
         for op in registered_ops()
     }
+    no_gpu = "no CUDA device is visible"
     if not torch.cuda.is_available():
         for op in report:
-            report[op]["cuda"] = {b: "no CUDA device is visible" for b in BACKENDS}
+            report[op]["cuda"] = {b: no_gpu for b in BACKENDS}
     if verbose:
         for op, per_device in report.items():
             print(op)
             for dev, per_backend in per_device.items():
+                if all(why == no_gpu for why in per_backend.values()):
+                    print(f"  {dev:5s} {no_gpu}")
+                    continue
                 auto = next((b for b in auto_order(op, torch.device(dev).type) if per_backend[b] is None), None)
                 print(f"  {dev:5s} auto -> {auto}")
                 for b, why in per_backend.items():
