@@ -21,7 +21,9 @@ def pytest_addoption(parser):
     g.addoption("--layout", default="channels_last", choices=["channels_last", "contiguous"])
     g.addoption("--size", default="auto", choices=["auto", "quick", "full"],
                 help="case sizes (auto: full on CUDA, quick on CPU)")
-    g.addoption("--rounds", type=int, default=None, help="timed rounds per case (default 50 CUDA / 5 CPU)")
+    g.addoption("--rounds", type=int, default=None, help="timed rounds per case (default 50 CUDA / 15 CPU)")
+    g.addoption("--compile-models", action="store_true",
+                help="torch.compile whole models also with --size quick (minutes per model on a CPU)")
     g.addoption("--results-dir", default=RESULTS_DIR, help="where the JSON, Markdown and PNG go")
 
 
@@ -34,7 +36,8 @@ def _config(config) -> BenchConfig:
     dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     size = config.getoption("--size")
     size = size if size != "auto" else ("full" if device.type == "cuda" else "quick")
-    return BenchConfig(device, dtype, config.getoption("--layout"), size, config.getoption("--rounds"))
+    return BenchConfig(device, dtype, config.getoption("--layout"), size, config.getoption("--rounds"),
+                       config.getoption("--compile-models"))
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +73,7 @@ def pytest_sessionfinish(session, exitstatus):
     cfg = _config(session.config)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(cfg.device)).strip("-").lower()
     stem = os.path.join(session.config.getoption("--results-dir"),
-                        f"{slug}-{datetime.datetime.now():%Y-%m-%d}")
+                        f"{slug}-{str(cfg.dtype).removeprefix('torch.')}-{cfg.layout}-{datetime.datetime.now():%Y-%m-%d}")
     data = {
         "machine_info": bs.machine_info if isinstance(getattr(bs, "machine_info", None), dict) else {},
         "datetime": datetime.datetime.now().isoformat(),

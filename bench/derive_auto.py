@@ -1,8 +1,8 @@
 """Rewrite fastblocks/_auto_table.py from a benchmark result file.
 
-    python -m bench.derive_auto bench/results/<gpu-run>.json [--dry-run]
+    python -m bench.derive_auto bench/results/<run>.json [<another run>.json ...] [--dry-run]
 
-For every op measured in the run, the backends (fastblocks kernels, and eager standing for the
+For every registered op measured in the runs, the backends (fastblocks kernels, and eager standing for the
 "torch" backend) are ranked by their total median time over that op's cases that every candidate
 ran; that order becomes AUTO_ORDER[(op, device type)]. Ops not in the run keep the default order.
 """
@@ -13,21 +13,26 @@ import os
 import pprint
 from collections import defaultdict
 
+import fastblocks  # noqa: F401  (registers every op)
 from bench.report import _groups, load
+from fastblocks._backend import registered_ops
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastblocks", "_auto_table.py")
 
 
-def derive(data: dict) -> dict[tuple[str, str], tuple[str, ...]]:
+def derive(runs: list[dict]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Rank backends per (op, device type) by total median time over all runs given (e.g. both layouts)."""
+    registered = set(registered_ops())
     totals: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for (op, _case, _pass), variants in _groups(data).items():
-        candidates = {v.removeprefix("fastblocks-") if v != "eager" else "torch": b
-                      for v, b in variants.items() if v == "eager" or v.startswith("fastblocks-")}
-        if len(candidates) < 2:
-            continue
-        dev = "cuda" if "CPU" not in next(iter(candidates.values()))["extra_info"].get("device", "") else "cpu"
-        for backend, b in candidates.items():
-            totals[(op, dev)][backend] += b["stats"]["median"]
+    for data in runs:
+        for (op, _case, _pass), variants in _groups(data).items():
+            candidates = {v.removeprefix("fastblocks-") if v != "eager" else "torch": b
+                          for v, b in variants.items() if v == "eager" or v.startswith("fastblocks-")}
+            if op not in registered or len(candidates) < 2:
+                continue
+            dev = "cpu" if "CPU" in next(iter(candidates.values()))["extra_info"].get("device", "") else "cuda"
+            for backend, b in candidates.items():
+                totals[(op, dev)][backend] += b["stats"]["median"]
     return {key: tuple(sorted(t, key=t.get)) for key, t in sorted(totals.items())}
 
 
@@ -56,9 +61,7 @@ def main(argv=None):
     p.add_argument("results", nargs="+", help="result JSON files (e.g. one GPU run and one CPU run)")
     p.add_argument("--dry-run", action="store_true", help="print the table instead of writing it")
     args = p.parse_args(argv)
-    order: dict = {}
-    for path in args.results:
-        order.update(derive(load(path)))
+    order = derive([load(path) for path in args.results])
     text = render(order, " ".join(os.path.relpath(r) for r in args.results))
     if args.dry_run:
         print(text)

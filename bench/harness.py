@@ -7,8 +7,9 @@ Run everything (the README's main command):
     pytest bench --benchmark-only --dtype bfloat16 --layout channels_last
 
 Options (bench/conftest.py): --device {auto,cpu,cuda}, --dtype {auto,float32,bfloat16,float16},
---layout {channels_last,contiguous}, --size {auto,quick,full}, --rounds N, --results-dir DIR.
-After the run, bench/results/<device>-<date>.{json,md,png} hold the pytest-benchmark JSON (with
+--layout {channels_last,contiguous}, --size {auto,quick,full}, --rounds N, --results-dir DIR,
+--compile-models (also torch.compile whole models on the quick size set; slow on a CPU).
+After the run, bench/results/<device>-<dtype>-<layout>-<date>.{json,md,png} hold the pytest-benchmark JSON (with
 extra_info), the Markdown ratio tables and a chart (see bench/report.py; compare two runs with
 `python -m bench.report compare OLD.json NEW.json`).
 
@@ -61,6 +62,7 @@ class BenchConfig:
     layout: str
     size: str
     rounds: int | None
+    compile_models: bool = False
 
 
 def device_name(device: torch.device) -> str:
@@ -144,12 +146,18 @@ class FbBench:
         return m.to(memory_format=torch.channels_last) if self.cfg.layout == "channels_last" else m
 
     # -- variants --------------------------------------------------------------------------------
-    def pick(self, variant: str, op: str, eager, fastblocks):
-        """The callable for ``variant``: ``eager``, ``torch.compile(eager)`` or ``fastblocks(impl)``."""
+    def pick(self, variant: str, op: str, eager, fastblocks, whole_model: bool = False):
+        """The callable for ``variant``: ``eager``, ``torch.compile(eager)`` or ``fastblocks(impl)``.
+
+        With ``whole_model``, the compile variant is skipped on the quick size set unless
+        --compile-models is given: inductor needs minutes per model on a 2-core CPU.
+        """
         self.variant = variant
         if variant == "eager":
             return eager
         if variant == "compile":
+            if whole_model and self.cfg.size == "quick" and not self.cfg.compile_models:
+                pytest.skip("compiling a whole model takes minutes on a CPU; use --compile-models or --size full")
             torch._dynamo.reset()
             return torch.compile(eager)
         impl = variant.removeprefix("fastblocks-")
@@ -159,6 +167,22 @@ class FbBench:
         if reason:
             pytest.skip(f"{impl}: {reason}")
         return fastblocks(impl)
+
+    def train_step(self, model: torch.nn.Module, shape, num_classes: int = 1000, lr: float = 0.01):
+        """An SGD training step of ``model`` on one random batch of ``shape``; returns (step, x, params)."""
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        x = self.input(shape)
+        target = torch.randint(0, num_classes, (shape[0],), device=x.device)
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step, x, params
 
     # -- timing ----------------------------------------------------------------------------------
     def run(self, fn, *args, op: str, case, pass_: str = "forward", bytes_moved: int | None = None,
@@ -203,8 +227,8 @@ class FbBench:
             info["saved_bytes"] = saved_bytes(fn, *args)
         info.update(extra or {})
 
-        rounds = self.cfg.rounds or (50 if device.type == "cuda" else 5)
-        self.benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        rounds = self.cfg.rounds or (50 if device.type == "cuda" else 15)
+        self.benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
         median = self.benchmark.stats.stats.median
         if bytes_moved:
             info["bytes_moved"] = int(bytes_moved)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from bench.harness import VARIANTS
@@ -30,25 +29,9 @@ def _model(fb_bench, variant: str) -> torch.nn.Module:
                               fastblocks=None)
         fb_bench.variant = CHECKPOINT
     else:
-        model = fb_bench.pick(variant, "bn_relu", eager=torchvision.models.densenet121(),
+        model = fb_bench.pick(variant, "bn_relu", whole_model=True, eager=torchvision.models.densenet121(),
                               fastblocks=lambda impl: models.densenet121(impl=impl))
     return fb_bench.module(model)
-
-
-def _train_step(model: torch.nn.Module, batch: int, resolution: int, fb_bench):
-    params = [p for p in model.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    x = fb_bench.input((batch, 3, resolution, resolution))
-    target = torch.randint(0, 1000, (batch,), device=x.device)
-
-    def step():
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step, x, params
 
 
 @pytest.mark.parametrize("variant", VARIANTS + [CHECKPOINT])
@@ -56,7 +39,7 @@ def _train_step(model: torch.nn.Module, batch: int, resolution: int, fb_bench):
 def test_densenet121_train_step(fb_bench, variant, case):
     batch, resolution = fb_bench.case(CASES, case)
     model = _model(fb_bench, variant).train()
-    step, x, params = _train_step(model, batch, resolution, fb_bench)
+    step, x, params = fb_bench.train_step(model, (batch, 3, resolution, resolution))
     extra = {}
     if variant != "compile":  # compiled graphs keep their own saved tensors
         extra["saved_bytes"], _ = saved_bytes(lambda: model(x), tuple(params))
@@ -68,7 +51,7 @@ def _fits(model, batch: int, resolution: int, fb_bench) -> bool:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        step, _, _ = _train_step(model, batch, resolution, fb_bench)
+        step, _, _ = fb_bench.train_step(model, (batch, 3, resolution, resolution))
         step()
         torch.cuda.synchronize()
     except torch.OutOfMemoryError:
@@ -92,6 +75,6 @@ def test_densenet121_largest_batch_in_budget(fb_bench, variant):
         lo, hi = (mid, hi) if _fits(model, mid, resolution, fb_bench) else (lo, mid)
     if lo == 0:
         pytest.skip(f"no batch fits in {BUDGET_BYTES / 2**30:.1f} GiB")
-    step, _, _ = _train_step(model, lo, resolution, fb_bench)
+    step, _, _ = fb_bench.train_step(model, (lo, 3, resolution, resolution))
     fb_bench.run(step, op="densenet121-max-batch", case=(lo, 3, resolution, resolution), pass_="train", items=lo,
                  extra={"max_batch": lo, "budget_bytes": BUDGET_BYTES})

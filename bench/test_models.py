@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from bench.harness import VARIANTS
@@ -36,7 +35,7 @@ def _model(fb_bench, variant: str, name: str) -> torch.nn.Module:
             pytest.skip(f"{name} has no fused kernels: one fastblocks run")
         fb_bench.variant = "fastblocks"
         return fb_bench.module(getattr(models, name)())
-    model = fb_bench.pick(variant, op or "hardswish", eager=getattr(torchvision.models, name)(),
+    model = fb_bench.pick(variant, op or "hardswish", whole_model=True, eager=getattr(torchvision.models, name)(),
                           fastblocks=lambda impl: getattr(models, name)(impl=impl))
     return fb_bench.module(model)
 
@@ -46,18 +45,7 @@ def _model(fb_bench, variant: str, name: str) -> torch.nn.Module:
 def test_train_step(fb_bench, name, variant):
     batch, resolution = fb_bench.case(TRAIN, 0)
     model = _model(fb_bench, variant, name).train()
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    x = fb_bench.input((batch, 3, resolution, resolution))
-    target = torch.randint(0, 1000, (batch,), device=x.device)
-
-    def step():
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    step, x, params = fb_bench.train_step(model, (batch, 3, resolution, resolution))
     extra = {}
     if variant != "compile":  # a compiled graph keeps its own saved tensors
         extra["saved_bytes"], _ = saved_bytes(lambda: model(x), tuple(params))

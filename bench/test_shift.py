@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from bench.harness import VARIANTS
 from fastblocks import models, ops
@@ -42,19 +40,9 @@ def test_shift(fb_bench, variant, pass_, case):
 def test_shiftresnet56_train_step(fb_bench, variant):
     """"eager" and "compile" run the model with the pure-PyTorch shift (impl="torch")."""
     batch = fb_bench.case(MODEL_CASES, 0)
-    model = fb_bench.pick(variant, "shift", eager=models.shiftresnet56(expansion=6, impl="torch"),
+    model = fb_bench.pick(variant, "shift", whole_model=True,
+                          eager=models.shiftresnet56(expansion=6, impl="torch"),
                           fastblocks=lambda impl: models.shiftresnet56(expansion=6, impl=impl))
     model = fb_bench.module(model).train()
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    x = fb_bench.input((batch, 3, 32, 32))
-    target = torch.randint(0, 10, (batch,), device=x.device)
-
-    def step():
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    step, _, _ = fb_bench.train_step(model, (batch, 3, 32, 32), num_classes=10, lr=0.1)
     fb_bench.run(step, op="shiftresnet56", case=(batch, 3, 32, 32), pass_="train", items=batch)
