@@ -139,8 +139,9 @@ def saved_bytes(step, exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, obje
                 kept[s.data_ptr()] = s.nbytes()
         return t
 
-    import torch.utils.checkpoint as cp
     from unittest import mock
+
+    import torch.utils.checkpoint as cp
 
     original = cp.checkpoint
 

@@ -6,26 +6,12 @@ from functools import partial
 
 from torch import Tensor, nn
 
+from fastblocks.models._init import init_weights
 from fastblocks.nn.activations import HardSwish
 from fastblocks.nn.blocks import ConvNormAct, InvertedResidual, make_divisible
 
 __all__ = ["MobileNetV2", "MobileNetV3", "InvertedResidualConfig", "mobilenet_v2", "mobilenet_v3_large",
            "mobilenet_v3_small"]
-
-
-def _init_weights(model: nn.Module) -> None:
-    """torchvision's MobileNet initialisation."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -71,7 +57,7 @@ class MobileNetV2(nn.Module):
         features.append(conv(input_channel, self.last_channel, 1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
-        _init_weights(self)
+        init_weights(self, lambda w: nn.init.normal_(w, 0, 0.01))
 
     forward = _forward
 
@@ -123,7 +109,7 @@ class MobileNetV3(nn.Module):
             nn.Dropout(p=dropout, inplace=True),
             nn.Linear(last_channel, num_classes),
         )
-        _init_weights(self)
+        init_weights(self, lambda w: nn.init.normal_(w, 0, 0.01))
 
     forward = _forward
 

@@ -1,6 +1,6 @@
 """Functional ops. Each takes ``impl=`` ("auto", "torch", "triton", "cpp", "cuda"). One import line per op file."""
-from fastblocks.ops.hardswish import hardsigmoid, hardsigmoid_gate, hardswish  # noqa: F401
-from fastblocks.ops.squeeze_excite import squeeze_excite  # noqa: F401
 from fastblocks.ops.bn_relu import bn_relu  # noqa: F401
 from fastblocks.ops.dwconv_bn_act import dwconv_bn_act  # noqa: F401
+from fastblocks.ops.hardswish import hardsigmoid, hardsigmoid_gate, hardswish  # noqa: F401
 from fastblocks.ops.shift import shift  # noqa: F401
+from fastblocks.ops.squeeze_excite import squeeze_excite  # noqa: F401
