@@ -48,6 +48,15 @@ def triton_unavailable(device, dtype) -> str | None:
     return f"Triton needs CUDA tensors, got device {device}"
 
 
+@triton.jit
+def tile_offsets(n, ps, cs, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Flat offsets of the [pixels ps, channels cs] tile of image n in an NCHW or channels_last tensor."""
+    if CHANNELS_LAST:  # element (n, c, p) at (n * HW + p) * C + c
+        return (n * HW + ps[:, None]) * C + cs[None, :]
+    else:  # element (n, c, p) at (n * C + c) * HW + p
+        return (n * C + cs[None, :]) * HW + ps[:, None]
+
+
 def grid1d(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import check_same, check_tensor, dense, is_channels_last, like, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, grid1d, tl, triton
+from fastblocks.ops._triton import acc_type, grid1d, tile_offsets, tl, triton
 
 register_op("hardswish", "hardswish_forward")
 register_op("hardsigmoid", "hardsigmoid_forward")
@@ -98,17 +98,10 @@ def _gate_backward_kernel(DY, X, G, DX, DG, C, HW, CHANNELS_LAST: tl.constexpr, 
     g = tl.load(G + n * C + cs, mask=cmask, other=0.0)
     gf = g.to(ACC)
     s = _hardsigmoid_math(gf)
-    if CHANNELS_LAST:  # element (n, c, p) at (n * HW + p) * C + c
-        c_stride = 1
-        p_stride = C
-    else:  # element (n, c, p) at (n * C + c) * HW + p
-        c_stride = HW
-        p_stride = 1
-    base = n * C * HW
     total = tl.zeros([BLOCK_C], dtype=ACC)
     for p0 in range(0, HW, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        offs = base + ps[:, None] * p_stride + cs[None, :] * c_stride
+        offs = tile_offsets(n, ps, cs, C, HW, CHANNELS_LAST)
         mask = (ps[:, None] < HW) & cmask[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)

@@ -33,7 +33,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import check_tensor, is_channels_last, like, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, tl, triton
+from fastblocks.ops._triton import acc_type, tile_offsets, tl, triton
 
 register_op("squeeze_excite", "squeeze_excite_forward")
 
@@ -81,20 +81,13 @@ def _pool_kernel(X, DY, MEAN, DYX, C, HW, chunk, HAS_DY: tl.constexpr, CHANNELS_
     n = tl.program_id(0).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
-    if CHANNELS_LAST:  # element (n, c, p) at (n * HW + p) * C + c
-        c_stride = 1
-        p_stride = C
-    else:  # element (n, c, p) at (n * C + c) * HW + p
-        c_stride = HW
-        p_stride = 1
-    base = n * C * HW
     p_start = tl.program_id(2) * chunk
     p_end = tl.minimum(p_start + chunk, HW)
     sum_x = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     sum_dyx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for p0 in range(p_start, p_end, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        offs = base + ps[:, None] * p_stride + cs[None, :] * c_stride
+        offs = tile_offsets(n, ps, cs, C, HW, CHANNELS_LAST)
         mask = (ps[:, None] < p_end) & cmask[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         sum_x += x
