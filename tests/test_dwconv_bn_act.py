@@ -23,6 +23,8 @@ CASES = [
     ((2, 240, 10, 10), 5, 1, "silu", 1e-3, 0.1, False),   # EfficientNet-B0 stage 4 depthwise, reduced
     ((2, 72, 11, 11), 5, 2, "relu", 1e-3, 0.01, False),   # MobileNetV3-Large 72-channel 5x5, reduced
     ((1, 240, 7, 7), 3, 1, "hardswish", 1e-3, 0.01, False),  # MobileNetV3-Large 240-channel 3x3
+    ((2, 40, 5, 23), 3, 1, "silu", 1e-5, 0.1, False),     # C % 16 != 0 with wide rows (CPU vector tails, pixel blocks)
+    ((1, 24, 9, 30), 5, 2, "relu", 1e-5, 0.1, False),
 ]
 
 
@@ -101,13 +103,17 @@ def test_running_stats_follow_batchnorm(backend, device, momentum):
     assert int(fused[1].num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding,dilation", [(0, 1), ((3, 0), (2, 1))])
-def test_other_paddings_and_dilations(backend, device, padding, dilation):
+def test_other_paddings_and_dilations(backend, device, padding, dilation, layout):
     require_backend(OP, backend, device)
-    ref = _reference(4, 3, 1, "silu", padding=padding, dilation=dilation).to(device)
+    ref = _reference(20, 3, 1, "silu", padding=padding, dilation=dilation).to(device)
     fused = _fused_like(ref, backend, "silu")
+    x = torch.randn(2, 20, 9, 14, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     for train in (True, False):
-        _compare(ref, fused, torch.randn(2, 4, 9, 8, device=device), train)
+        _compare(ref, fused, x, train)
 
 
 def test_track_running_stats_false_and_no_affine(backend, device):

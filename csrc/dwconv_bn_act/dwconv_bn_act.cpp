@@ -13,11 +13,20 @@
 // CPU and CUDA kernels share one finalisation. Parameters (w, scale, shift, ...) are contiguous
 // tensors in the accumulation dtype (fp32, or fp64 for fp64 x); x / y / dy keep x's dtype and are
 // NCHW-contiguous or channels_last (y and dx keep x's layout).
+//
+// CPU schedules (memory-bound: one read of x and one write of y per pass, everything else in cache).
+// NCHW: one (n, c) plane per task, copied into a zero-padded, stride-phase-split buffer so that every
+// tap is a unit-stride vector over output columns. channels_last: one output row per task, vectors
+// over channels, a tap list per pixel for the borders and blocks of neighbouring pixels inside.
+// The scale is folded into the weights (y = act(conv(x, scale * w) + shift)); explicit 64-byte
+// vectors (cpu_simd.h) with several independent accumulators keep the FMAs off the latency chain.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "activations.h"
+#include "cpu_simd.h"
 #include "dwconv_bn_act/dwconv_bn_act.h"
 
 namespace fastblocks {
@@ -78,146 +87,422 @@ namespace {
 
 using dwconv::DWGeometry;
 
-// dst[i] += w * src[i * stride] for i < n: the inner loop of every CPU pass (vectorised for stride 1).
-template <typename T>
-FB_CPU_MULTIVERSION void axpy_strided(T* __restrict__ dst, const T* __restrict__ src, T w, int64_t n, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i * stride];
+constexpr int kMaxTaps = 49;  // 7 x 7
+
+// Calls f(std::integral_constant<int, K>{}) for the kernel sizes make_geometry accepts (3, 5, 7).
+template <typename F>
+void dispatch_kernel_size(int64_t K, F&& f) {
+  switch (K) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, 7>{});
   }
 }
 
-// One (n, c) plane at a time: the plane of x is copied (as acc_t) into a zero-padded buffer, so
-// that every tap of the convolution is a branch-free row operation. Works for both layouts
-// through element strides; the NCHW case reads and writes contiguous rows.
-template <typename scalar_t>
-struct PlaneWorker {
-  using acc_t = opmath_t<scalar_t>;
+// Zeros after the end of a per-channel table, so that a vector load of its last channels stays inside it.
+constexpr int64_t kTableSlack = 16;
+
+at::Tensor with_slack(const at::Tensor& v) { return at::cat({v.reshape(-1), at::zeros({kTableSlack}, v.options())}); }
+
+// The conv weight as the kernels read it, optionally with a per-channel scale folded in
+// (scale * conv(x, w) = conv(x, scale * w)): [C, K*K] for NCHW, [K*K, C] (channels innermost, with
+// slack) for channels_last.
+at::Tensor weight_table(const at::Tensor& weight, const DWGeometry& g, const at::Tensor& scale = {}) {
+  at::Tensor w = weight.reshape({g.C, g.K * g.K});
+  if (scale.defined()) w = w * scale.unsqueeze(1);
+  return g.channels_last ? with_slack(w.t()) : w.contiguous();
+}
+
+// dz = s * dy * act'(s * z + t) + p + q * z in place over z: the gradient of z through the activation
+// and the BatchNorm. PER_CHANNEL: z / dy are [rows, C] with per-channel s, t, p, q (channels_last);
+// otherwise one channel's plane as [1, C = plane size] with scalar parameters at index 0 (NCHW).
+template <int ACT, bool PER_CHANNEL, typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
+                                     const acc_t* t, const acc_t* p, const acc_t* q) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* zr = z + r * C;
+    const scalar_t* dr = dy + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = PER_CHANNEL ? c : 0;
+      const acc_t zc = zr[c];
+      zr[c] = s[k] * static_cast<acc_t>(dr[c]) * activate_grad<ACT>(s[k] * zc + t[k]) + p[k] + q[k] * zc;
+    }
+  }
+}
+
+// ---- NCHW: one (n, c) plane per task -------------------------------------------------------------
+
+// A zero-padded copy of one plane in acc_t, its columns split by phase modulo the W stride: padded
+// column j lives in phase j % sw at position j / sw. For every tap the inputs of consecutive output
+// columns are then consecutive in memory (stride 2 included), so the row loops are unit-stride
+// vectors. A row's last vector may run into the next row (its extra lanes are discarded); one vector
+// of slack at the end keeps that inside the buffer. Also the accumulator of the input gradient.
+template <typename acc_t>
+struct PaddedPlane {
   const DWGeometry& g;
-  const int64_t Hp, Wp;
-  std::vector<acc_t> xp;  // padded input plane [Hp, Wp]; the border stays zero
-  std::vector<acc_t> z;   // conv output plane [Ho, Wo]
-  int64_t xs_h, xs_w, ys_h, ys_w;  // element strides of x and of y / dy along H and W
+  const int64_t Hp, Wq;
+  std::vector<acc_t> buf;  // [sw, Hp, Wq]; the padding stays zero
 
-  explicit PlaneWorker(const DWGeometry& geom)
-      : g(geom), Hp(geom.H + 2 * geom.ph), Wp(geom.W + 2 * geom.pw), xp(Hp * Wp, acc_t(0)), z(geom.Ho * geom.Wo) {
-    xs_h = g.channels_last ? g.W * g.C : g.W;
-    xs_w = g.channels_last ? g.C : 1;
-    ys_h = g.channels_last ? g.Wo * g.C : g.Wo;
-    ys_w = g.channels_last ? g.C : 1;
-  }
-  int64_t x_offset(int64_t n, int64_t c) const { return g.channels_last ? n * g.H * g.W * g.C + c : (n * g.C + c) * g.H * g.W; }
-  int64_t y_offset(int64_t n, int64_t c) const {
-    return g.channels_last ? n * g.Ho * g.Wo * g.C + c : (n * g.C + c) * g.Ho * g.Wo;
-  }
+  explicit PaddedPlane(const DWGeometry& geom)
+      : g(geom), Hp(geom.H + 2 * geom.ph), Wq((geom.W + 2 * geom.pw + geom.sw - 1) / geom.sw),
+        buf(geom.sw * Hp * Wq + simd::lanes<acc_t>, acc_t(0)) {}
 
-  // z = conv(x[n, c], w[c]).
-  void conv(const scalar_t* x, const acc_t* w, int64_t n, int64_t c) {
-    const scalar_t* xb = x + x_offset(n, c);
-    for (int64_t ih = 0; ih < g.H; ++ih) {
-      acc_t* dst = xp.data() + (ih + g.ph) * Wp + g.pw;
-      const scalar_t* src = xb + ih * xs_h;
-      for (int64_t iw = 0; iw < g.W; ++iw) dst[iw] = static_cast<acc_t>(src[iw * xs_w]);
-    }
-    const acc_t* wc = w + c * g.K * g.K;
-    for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      acc_t* zr = z.data() + oh * g.Wo;
-      std::fill(zr, zr + g.Wo, acc_t(0));
-      for (int64_t kh = 0; kh < g.K; ++kh) {
-        const acc_t* row = xp.data() + (oh * g.sh + kh * g.dh) * Wp;
-        for (int64_t kw = 0; kw < g.K; ++kw) axpy_strided(zr, row + kw * g.dw, wc[kh * g.K + kw], g.Wo, g.sw);
-      }
-    }
-  }
+  // Offset of padded element (row, col); the same tap's input for the next output column is at +1.
+  int64_t offset(int64_t row, int64_t col) const { return ((col % g.sw) * Hp + row) * Wq + col / g.sw; }
 
-  // Calls f(z, y_index) for every output pixel of plane (n, c).
+  // Offsets of the K*K taps of output row 0; output row oh adds oh * row_step().
+  template <int K>
+  void tap_offsets(int64_t* off) const {
+    for (int t = 0; t < K * K; ++t) off[t] = offset((t / K) * g.dh, (t % K) * g.dw);
+  }
+  int64_t row_step() const { return g.sh * Wq; }
+
+  // Calls f(padded row of phase ph, matching plane row, q0, q1, offset): positions [q0, q1) of the
+  // phase hold plane columns q * sw + offset.
   template <typename F>
-  void for_each_output(int64_t n, int64_t c, F&& f) const {
-    const int64_t base = y_offset(n, c);
-    for (int64_t oh = 0; oh < g.Ho; ++oh)
-      for (int64_t ow = 0; ow < g.Wo; ++ow) f(z[oh * g.Wo + ow], base + oh * ys_h + ow * ys_w, oh * g.Wo + ow);
+  void for_each_row(F&& f) {
+    for (int64_t phase = 0; phase < g.sw; ++phase) {
+      const int64_t offset = phase - g.pw;  // plane column of position 0
+      const int64_t q0 = offset >= 0 ? 0 : (-offset + g.sw - 1) / g.sw;
+      const int64_t q1 = std::max(q0, std::min(Wq, (g.W - offset + g.sw - 1) / g.sw));
+      for (int64_t ih = 0; ih < g.H; ++ih) f(buf.data() + (phase * Hp + ih + g.ph) * Wq, ih * g.W, q0, q1, offset);
+    }
+  }
+  template <typename scalar_t>
+  void load(const scalar_t* plane) {
+    for_each_row([&](acc_t* row, int64_t base, int64_t q0, int64_t q1, int64_t off) {
+      for (int64_t q = q0; q < q1; ++q) row[q] = static_cast<acc_t>(plane[base + q * g.sw + off]);
+    });
+  }
+  template <typename scalar_t>
+  void store(scalar_t* plane) {
+    for_each_row([&](acc_t* row, int64_t base, int64_t q0, int64_t q1, int64_t off) {
+      for (int64_t q = q0; q < q1; ++q) plane[base + q * g.sw + off] = static_cast<scalar_t>(row[q]);
+    });
   }
 };
 
-// Runs f(worker, n, c) over every plane, in parallel, one worker (buffers) per task.
+// out[oh, ow] = act(bias + sum over taps of w[kh, kw] * x_pad[oh * sh + kh * dh, ow * sw + kw * dw]).
+// The output is walked in vectors of L columns, kBlock vectors at a time (along the row, then on to the
+// next rows): independent accumulators, so the FMAs of successive taps do not wait on each other.
+template <int K, int ACT, typename acc_t, typename out_t>
+FB_CPU_MULTIVERSION void conv_plane(PaddedPlane<acc_t>& xp, const acc_t* w, acc_t bias, out_t* out) {
+  constexpr int L = simd::lanes<acc_t>, kBlock = 4;
+  const DWGeometry& g = xp.g;
+  int64_t off[K * K];
+  xp.template tap_offsets<K>(off);
+  const int64_t per_row = (g.Wo + L - 1) / L, total = g.Ho * per_row;
+  for (int64_t v0 = 0, oh = 0, ow = 0; v0 < total; v0 += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, total - v0));
+    int64_t in[kBlock], dst[kBlock];  // input offset of each vector's first tap-0 element, output offset
+    int n[kBlock];
+    for (int b = 0; b < kBlock; ++b) {
+      in[b] = b < nb ? oh * xp.row_step() + ow : in[0];  // a block cut short repeats its first vector
+      dst[b] = oh * g.Wo + ow;
+      n[b] = static_cast<int>(std::min<int64_t>(L, g.Wo - ow));
+      if (b < nb && (ow += L) >= g.Wo) ow = 0, ++oh;
+    }
+    simd::vec<acc_t> a[kBlock];
+    for (int b = 0; b < kBlock; ++b) a[b] = simd::vec<acc_t>{} + bias;
+    for (int t = 0; t < K * K; ++t) {
+      const acc_t* src = xp.buf.data() + off[t];
+      for (int b = 0; b < kBlock; ++b) a[b] += w[t] * simd::load<acc_t>(src + in[b]);
+    }
+    for (int b = 0; b < nb; ++b) simd::store_activated<ACT, acc_t>(out + dst[b], a[b], n[b]);
+  }
+}
+
+// The adjoint of conv_plane (identity activation, dz given): dw[t] = sum of dz * the tap's input, and
+// dx_pad += w[t] * dz at each tap's input positions. A row's last vector of dz is zero past the row,
+// so its extra lanes add nothing.
+template <int K, typename acc_t>
+FB_CPU_MULTIVERSION void conv_plane_backward(PaddedPlane<acc_t>& xp, PaddedPlane<acc_t>& dxp, const acc_t* dz,
+                                             const acc_t* w, acc_t* dw) {
+  constexpr int L = simd::lanes<acc_t>;
+  const DWGeometry& g = xp.g;
+  simd::vec<acc_t> dw_acc[K * K] = {};
+  int64_t off[K * K];
+  xp.template tap_offsets<K>(off);
+  const acc_t* x_taps[K * K];
+  acc_t* dx_taps[K * K];
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int t = 0; t < K * K; ++t) {
+      x_taps[t] = xp.buf.data() + off[t] + oh * xp.row_step();
+      dx_taps[t] = dxp.buf.data() + off[t] + oh * xp.row_step();
+    }
+    for (int64_t ow = 0; ow < g.Wo; ow += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, g.Wo - ow));
+      const acc_t* dr = dz + oh * g.Wo + ow;
+      const simd::vec<acc_t> d = n == L ? simd::load<acc_t>(dr) : simd::load_partial<acc_t>(dr, n);
+      for (int t = 0; t < K * K; ++t) {
+        dw_acc[t] += d * simd::load<acc_t>(x_taps[t] + ow);
+        simd::store(dx_taps[t] + ow, simd::load<acc_t>(dx_taps[t] + ow) + w[t] * d);
+      }
+    }
+  }
+  for (int t = 0; t < K * K; ++t) dw[t] = simd::reduce_add<acc_t>(dw_acc[t]);
+}
+
+// Mean and sum of squared deviations of n values (two passes over a plane in cache: no cancellation).
+template <typename acc_t>
+FB_CPU_MULTIVERSION void mean_m2(const acc_t* z, int64_t n, acc_t& mean, acc_t& m2) {
+  acc_t sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += z[i];
+  mean = sum / static_cast<acc_t>(n);
+  const acc_t mu = mean;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < n; ++i) sq += (z[i] - mu) * (z[i] - mu);
+  m2 = sq;
+}
+
+// Sums over one plane of g = dy * act'(s * z + t) and of g * (z - center).
+template <int ACT, typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void grad_sums_plane(const acc_t* z, const scalar_t* dy, int64_t n, acc_t s, acc_t t,
+                                         acc_t center, acc_t& sum_g, acc_t& sum_gz) {
+  acc_t sg = 0, sgz = 0;
+#pragma omp simd reduction(+ : sg, sgz)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(dy[i]) * activate_grad<ACT>(s * z[i] + t);
+    sg += gv;
+    sgz += gv * (z[i] - center);
+  }
+  sum_g = sg;
+  sum_gz = sgz;
+}
+
+// Runs f(x_plane, z_plane, n, c) for every (n, c) plane in parallel; x_plane holds the padded input,
+// z_plane room for one output plane.
 template <typename scalar_t, typename F>
-void for_each_plane(const DWGeometry& g, F&& f) {
+void for_each_plane(const DWGeometry& g, const scalar_t* x, F&& f) {
+  using acc_t = opmath_t<scalar_t>;
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
-    PlaneWorker<scalar_t> worker(g);
-    for (int64_t nc = begin; nc < end; ++nc) f(worker, nc / g.C, nc % g.C);
+    PaddedPlane<acc_t> xp(g);
+    std::vector<acc_t> z(g.Ho * g.Wo);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      xp.load(x + nc * g.H * g.W);
+      f(xp, z.data(), nc / g.C, nc % g.C);
+    }
   });
 }
+
+// ---- channels_last: one output (or input) row of one image per task, a pixel's C channels innermost
+
+// The taps of output pixel (oh, ow) inside the input: element offsets of their source pixels in the
+// image and of their rows in a [K*K, C] weight table. Returns how many.
+FB_SIMD_INLINE int output_taps(const DWGeometry& g, int64_t oh, int64_t ow, int64_t* x_off, int64_t* w_off) {
+  int n = 0;
+  for (int64_t kh = 0; kh < g.K; ++kh) {
+    const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kw = 0; kw < g.K; ++kw) {
+      const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+      if (iw < 0 || iw >= g.W) continue;
+      x_off[n] = (ih * g.W + iw) * g.C;
+      w_off[n++] = (kh * g.K + kw) * g.C;
+    }
+  }
+  return n;
+}
+
+// The transposed taps: the output pixels that read input pixel (ih, iw), as offsets in a [Ho, Wo, C]
+// image, and the weight rows they read it with.
+FB_SIMD_INLINE int input_taps(const DWGeometry& g, int64_t ih, int64_t iw, int64_t* y_off, int64_t* w_off) {
+  int n = 0;
+  for (int64_t kh = 0; kh < g.K; ++kh) {
+    const int64_t oh_s = ih + g.ph - kh * g.dh;
+    if (oh_s < 0 || oh_s % g.sh != 0 || oh_s / g.sh >= g.Ho) continue;
+    for (int64_t kw = 0; kw < g.K; ++kw) {
+      const int64_t ow_s = iw + g.pw - kw * g.dw;
+      if (ow_s < 0 || ow_s % g.sw != 0 || ow_s / g.sw >= g.Wo) continue;
+      y_off[n] = ((oh_s / g.sh) * g.Wo + ow_s / g.sw) * g.C;
+      w_off[n++] = (kh * g.K + kw) * g.C;
+    }
+  }
+  return n;
+}
+
+// out[p * C + c] = act(bias[c] + sum over t < nt of wt[w_off[t] + c] * src[src_off[t] + p * pix_step + c])
+// for P pixels with the same taps and kBlock vectors of channels from c = 0: P * kBlock independent
+// accumulators (see conv_plane), and each weight vector loaded once for the P pixels.
+template <int P, int kBlock, int ACT, typename src_t, typename acc_t, typename out_t>
+FB_SIMD_INLINE void sum_taps_block(int nt, const src_t* src, int64_t pix_step, const int64_t* src_off, const acc_t* wt,
+                                   const int64_t* w_off, const acc_t* bias, int64_t C, out_t* out) {
+  constexpr int L = simd::lanes<acc_t>;
+  simd::vec<acc_t> a[P][kBlock];
+  for (int p = 0; p < P; ++p)
+    for (int b = 0; b < kBlock; ++b) a[p][b] = simd::load<acc_t>(bias + b * L);
+  for (int t = 0; t < nt; ++t)
+    for (int b = 0; b < kBlock; ++b) {
+      const simd::vec<acc_t> w = simd::load<acc_t>(wt + w_off[t] + b * L);
+      for (int p = 0; p < P; ++p) a[p][b] += w * simd::load<acc_t>(src + src_off[t] + p * pix_step + b * L);
+    }
+  for (int p = 0; p < P; ++p)
+    for (int b = 0; b < kBlock; ++b) simd::store_activated<ACT, acc_t>(out + p * C + b * L, a[p][b], L);
+}
+
+// out[c] = act(bias[c] + sum over t < nt of wt[w_off[t] + c] * src[src_off[t] + c]) for channels
+// c_begin <= c < C of one pixel: whole vectors, then the last C % L channels as one more vector whose
+// extra lanes read the next pixel's channels (and the tables' slack) and are not stored, unless that
+// would read past src_end; then one by one.
+template <int ACT, typename src_t, typename acc_t, typename out_t>
+FB_SIMD_INLINE void sum_taps_nhwc(int nt, const src_t* src, const src_t* src_end, const int64_t* src_off,
+                                  const acc_t* wt, const int64_t* w_off, const acc_t* bias, int64_t C, out_t* out,
+                                  int64_t c_begin = 0) {
+  constexpr int L = simd::lanes<acc_t>;
+  int64_t c = c_begin;
+  for (; c + 4 * L <= C; c += 4 * L)
+    sum_taps_block<1, 4, ACT>(nt, src + c, 0, src_off, wt + c, w_off, bias + c, C, out + c);
+  for (; c + L <= C; c += L) sum_taps_block<1, 1, ACT>(nt, src + c, 0, src_off, wt + c, w_off, bias + c, C, out + c);
+  if (c == C) return;
+  const int64_t last = nt > 0 ? *std::max_element(src_off, src_off + nt) : 0;
+  if (src + last + c + L <= src_end) {
+    simd::vec<acc_t> a = simd::load<acc_t>(bias + c);
+    for (int t = 0; t < nt; ++t) a += simd::load<acc_t>(wt + w_off[t] + c) * simd::load<acc_t>(src + src_off[t] + c);
+    return simd::store_activated<ACT, acc_t>(out + c, a, static_cast<int>(C - c));
+  }
+  for (; c < C; ++c) {
+    acc_t a = bias[c];
+    for (int t = 0; t < nt; ++t) a += wt[w_off[t] + c] * static_cast<acc_t>(src[src_off[t] + c]);
+    out[c] = static_cast<out_t>(activate<ACT>(a));
+  }
+}
+
+// out[ow, c] = act(bias[c] + sum over taps of wt[tap, c] * x[tap's pixel, c]) for output row oh of
+// one image (x_img: [H, W, C]; wt: [K*K, C]; out: [Wo, C]). Away from the left and right borders,
+// kPixels neighbouring outputs have the same taps, shifted by sw pixels, and are computed together.
+template <int ACT, typename scalar_t, typename acc_t, typename out_t>
+FB_CPU_MULTIVERSION void conv_row_nhwc(const DWGeometry& g, const scalar_t* x_img, const acc_t* wt, const acc_t* bias,
+                                       int64_t oh, out_t* out) {
+  constexpr int L = simd::lanes<acc_t>, kPixels = 4;
+  const int64_t C = g.C, C_vec = C - C % L, pix_step = g.sw * C;
+  const scalar_t* x_end = x_img + g.H * g.W * C;
+  // outputs [ow_lo, ow_hi) have every tap column inside the input
+  const int64_t ow_lo = (g.pw + g.sw - 1) / g.sw;
+  const int64_t ow_hi = g.W - 1 + g.pw - (g.K - 1) * g.dw >= 0 ? (g.W - 1 + g.pw - (g.K - 1) * g.dw) / g.sw + 1 : 0;
+  int64_t x_off[kMaxTaps], w_off[kMaxTaps];
+  for (int64_t ow = 0; ow < g.Wo;) {
+    const int nt = output_taps(g, oh, ow, x_off, w_off);
+    if (ow >= ow_lo && ow + kPixels <= ow_hi) {
+      for (int64_t c = 0; c < C_vec; c += L)
+        sum_taps_block<kPixels, 1, ACT>(nt, x_img + c, pix_step, x_off, wt + c, w_off, bias + c, C, out + ow * C + c);
+      for (int p = 0; C_vec < C && p < kPixels; ++p)
+        sum_taps_nhwc<ACT>(nt, x_img + p * pix_step, x_end, x_off, wt, w_off, bias, C, out + (ow + p) * C, C_vec);
+      ow += kPixels;
+    } else {
+      sum_taps_nhwc<ACT>(nt, x_img, x_end, x_off, wt, w_off, bias, C, out + ow * C);
+      ++ow;
+    }
+  }
+}
+
+// dx[iw, c] = sum over the output pixels that read (ih, iw) of wt[tap, c] * dz[pixel, c], for input row
+// ih of one image (dz_img: [Ho, Wo, C]; zero: C zeros).
+template <typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void input_grad_row_nhwc(const DWGeometry& g, const acc_t* dz_img, const acc_t* wt,
+                                             const acc_t* zero, int64_t ih, scalar_t* dx) {
+  int64_t y_off[kMaxTaps], w_off[kMaxTaps];
+  for (int64_t iw = 0; iw < g.W; ++iw) {
+    const int nt = input_taps(g, ih, iw, y_off, w_off);
+    sum_taps_nhwc<kIdentity>(nt, dz_img, dz_img + g.Ho * g.Wo * g.C, y_off, wt, w_off, zero, g.C, dx + iw * g.C);
+  }
+}
+
+// dw[tap, c] += sum over output row oh of dz[ow, c] * x[tap's pixel, c].
+template <typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void weight_grad_row_nhwc(const DWGeometry& g, const scalar_t* x_img, const acc_t* dz, int64_t oh,
+                                              acc_t* dw) {
+  constexpr int L = simd::lanes<acc_t>;
+  int64_t x_off[kMaxTaps], w_off[kMaxTaps];
+  const int64_t C = g.C;
+  for (int64_t ow = 0; ow < g.Wo; ++ow) {
+    const int nt = output_taps(g, oh, ow, x_off, w_off);
+    const acc_t* d = dz + ow * C;
+    for (int t = 0; t < nt; ++t) {
+      acc_t* dwt = dw + w_off[t];
+      const scalar_t* xr = x_img + x_off[t];
+      int64_t c = 0;
+      for (; c + L <= C; c += L)
+        simd::store(dwt + c, simd::load<acc_t>(dwt + c) + simd::load<acc_t>(d + c) * simd::load<acc_t>(xr + c));
+      for (; c < C; ++c) dwt[c] += d[c] * static_cast<acc_t>(xr[c]);
+    }
+  }
+}
+
+// Per-channel mean and sum of squared deviations over the rows of z ([rows, C]).
+template <typename acc_t>
+FB_CPU_MULTIVERSION void column_mean_m2(const acc_t* z, int64_t rows, int64_t C, acc_t* mean, acc_t* m2) {
+  std::fill(mean, mean + C, acc_t(0));
+  std::fill(m2, m2 + C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] += z[r * C + c];
+  for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<acc_t>(rows);
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) m2[c] += (z[r * C + c] - mean[c]) * (z[r * C + c] - mean[c]);
+}
+
+// Per-channel sums over the rows of g = dy * act'(s * z + t) and of g * (z - center) (z, dy: [rows, C]).
+template <int ACT, typename scalar_t, typename acc_t>
+FB_CPU_MULTIVERSION void column_grad_sums(const acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
+                                          const acc_t* t, const acc_t* center, acc_t* sum_g, acc_t* sum_gz) {
+  std::fill(sum_g, sum_g + C, acc_t(0));
+  std::fill(sum_gz, sum_gz + C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t zc = z[r * C + c], gv = static_cast<acc_t>(dy[r * C + c]) * activate_grad<ACT>(s[c] * zc + t[c]);
+      sum_g[c] += gv;
+      sum_gz[c] += gv * (zc - center[c]);
+    }
+}
+
+// Runs f(z_row, n, oh, partition) over every output row (n, oh) in parallel, with z_row room for one
+// row ([Wo, C], acc_t).
+template <typename acc_t, typename F>
+void for_each_output_row(const DWGeometry& g, F&& f) {
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> z(g.Wo * g.C);
+    for (int64_t row = begin; row < end; ++row) f(z.data(), row / g.Ho, row % g.Ho, row);
+  });
+}
+
+// ---- the four kernels ----------------------------------------------------------------------------
+// Reductions return partials per partition: per image (NCHW) or per output row (channels_last).
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                                          at::IntArrayRef dilation) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
   const auto acc_opts = weight.options();
-  at::Tensor mean = at::empty({g.N, g.C}, acc_opts), m2 = at::empty({g.N, g.C}, acc_opts);
-  at::Tensor count = at::full({g.N}, static_cast<double>(g.Ho * g.Wo), acc_opts);
+  at::Tensor mean = at::empty({P, g.C}, acc_opts), m2 = at::empty({P, g.C}, acc_opts);
+  at::Tensor count = at::full({P}, static_cast<double>(g.channels_last ? g.Wo : g.Ho * g.Wo), acc_opts);
+  const at::Tensor wt = weight_table(weight, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_stats_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const acc_t* pw = weight.const_data_ptr<acc_t>();
+    const acc_t* pw = wt.const_data_ptr<acc_t>();
     acc_t *pmean = mean.mutable_data_ptr<acc_t>(), *pm2 = m2.mutable_data_ptr<acc_t>();
-    for_each_plane<scalar_t>(g, [&](PlaneWorker<scalar_t>& wk, int64_t n, int64_t c) {
-      wk.conv(px, pw, n, c);
-      // two passes over the plane buffer (in cache): no cancellation in the variance
-      acc_t sum = 0;
-      for (acc_t v : wk.z) sum += v;
-      const acc_t mu = sum / static_cast<acc_t>(wk.z.size());
-      acc_t sq = 0;
-      for (acc_t v : wk.z) sq += (v - mu) * (v - mu);
-      pmean[n * g.C + c] = mu;
-      pm2[n * g.C + c] = sq;
+    if (g.channels_last) {
+      const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
+      for_each_output_row<acc_t>(g, [&](acc_t* z, int64_t n, int64_t oh, int64_t row) {
+        conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
+        column_mean_m2(z, g.Wo, g.C, pmean + row * g.C, pm2 + row * g.C);
+      });
+      return;
+    }
+    dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      for_each_plane(g, px, [&](PaddedPlane<acc_t>& xp, acc_t* z, int64_t n, int64_t c) {
+        conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
+        mean_m2(z, g.Ho * g.Wo, pmean[n * g.C + c], pm2[n * g.C + c]);
+      });
     });
   });
   return {mean, m2, count};
-}
-
-// NCHW: one plane per task. channels_last: one output row (n, oh) per task with the C channels of
-// a pixel innermost, so loads, the weight rows (transposed to [K*K, C]) and stores are contiguous.
-template <typename scalar_t, int ACT>
-void forward_nhwc(const DWGeometry& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                  const at::Tensor& shift, at::Tensor& y) {
-  using acc_t = opmath_t<scalar_t>;
-  const at::Tensor wt = weight.reshape({g.C, g.K * g.K}).t().contiguous();
-  const acc_t *pwt = wt.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-              *pt = shift.const_data_ptr<acc_t>();
-  const scalar_t* px = x.const_data_ptr<scalar_t>();
-  scalar_t* py = y.mutable_data_ptr<scalar_t>();
-  const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(g.Wo * C), xrow(C);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.Ho, oh = row % g.Ho;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t kh = 0; kh < g.K; ++kh) {
-        const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
-        if (ih < 0 || ih >= g.H) continue;
-        for (int64_t kw = 0; kw < g.K; ++kw) {
-          const acc_t* wk = pwt + (kh * g.K + kw) * C;
-          for (int64_t ow = 0; ow < g.Wo; ++ow) {
-            const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
-            if (iw < 0 || iw >= g.W) continue;
-            const scalar_t* xr = px + ((n * g.H + ih) * g.W + iw) * C;
-            acc_t* ar = acc.data() + ow * C;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              for (int64_t c = 0; c < C; ++c) ar[c] += wk[c] * xr[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) xrow[c] = static_cast<acc_t>(xr[c]);
-              for (int64_t c = 0; c < C; ++c) ar[c] += wk[c] * xrow[c];
-            }
-          }
-        }
-      }
-      scalar_t* yr = py + (n * g.Ho + oh) * g.Wo * C;
-      for (int64_t ow = 0; ow < g.Wo; ++ow)
-        for (int64_t c = 0; c < C; ++c)
-          yr[ow * C + c] = static_cast<scalar_t>(activate<ACT>(ps[c] * acc[ow * C + c] + pt[c]));
-    }
-  });
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
@@ -227,19 +512,26 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   dwconv::check_channel_param(shift, x, g, "shift");
   at::Tensor y = dwconv::empty_output(x, g);
   if (y.numel() == 0) return y;
+  const at::Tensor wt = weight_table(weight, g, scale), bias = g.channels_last ? with_slack(shift) : shift;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const acc_t *pw = wt.const_data_ptr<acc_t>(), *pt = bias.const_data_ptr<acc_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
-      if (g.channels_last) return forward_nhwc<scalar_t, ACT>(g, x, weight, scale, shift, y);
-      const scalar_t* px = x.const_data_ptr<scalar_t>();
-      const acc_t *pw = weight.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-                  *pt = shift.const_data_ptr<acc_t>();
-      scalar_t* py = y.mutable_data_ptr<scalar_t>();
-      for_each_plane<scalar_t>(g, [&](PlaneWorker<scalar_t>& wk, int64_t n, int64_t c) {
-        wk.conv(px, pw, n, c);
-        const acc_t s = ps[c], t = pt[c];
-        wk.for_each_output(n, c, [&](acc_t z, int64_t i, int64_t) { py[i] = static_cast<scalar_t>(activate<ACT>(s * z + t)); });
+      if (g.channels_last) {
+        at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row)
+            conv_row_nhwc<ACT>(g, px + (row / g.Ho) * g.H * g.W * g.C, pw, pt, row % g.Ho, py + row * g.Wo * g.C);
+        });
+        return;
+      }
+      dispatch_kernel_size(g.K, [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        for_each_plane(g, px, [&](PaddedPlane<acc_t>& xp, acc_t*, int64_t n, int64_t c) {
+          conv_plane<K, ACT>(xp, pw + c * K * K, pt[c], py + (n * g.C + c) * g.Ho * g.Wo);
+        });
       });
     });
     TORCH_CHECK(known, "unknown activation code ", act);
@@ -256,26 +548,32 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
   dwconv::check_channel_param(shift, x, g, "shift");
   dwconv::check_channel_param(center, x, g, "center");
   dwconv::check_grad(grad, x, g);
-  at::Tensor sum_g = at::empty({g.N, g.C}, weight.options()), sum_gz = at::empty({g.N, g.C}, weight.options());
+  const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
+  at::Tensor sum_g = at::empty({P, g.C}, weight.options()), sum_gz = at::empty({P, g.C}, weight.options());
+  const at::Tensor wt = weight_table(weight, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_grad_stats_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
+    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
+                *pt = shift.const_data_ptr<acc_t>(), *pc = center.const_data_ptr<acc_t>();
+    acc_t *psg = sum_g.mutable_data_ptr<acc_t>(), *psgz = sum_gz.mutable_data_ptr<acc_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
-      const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-      const acc_t *pw = weight.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-                  *pt = shift.const_data_ptr<acc_t>(), *pc = center.const_data_ptr<acc_t>();
-      acc_t *psg = sum_g.mutable_data_ptr<acc_t>(), *psgz = sum_gz.mutable_data_ptr<acc_t>();
-      for_each_plane<scalar_t>(g, [&](PlaneWorker<scalar_t>& wk, int64_t n, int64_t c) {
-        wk.conv(px, pw, n, c);
-        const acc_t s = ps[c], t = pt[c], mu = pc[c];
-        acc_t sg = 0, sgz = 0;
-        wk.for_each_output(n, c, [&](acc_t z, int64_t i, int64_t) {
-          const acc_t gv = static_cast<acc_t>(pdy[i]) * activate_grad<ACT>(s * z + t);
-          sg += gv;
-          sgz += gv * (z - mu);
+      if (g.channels_last) {
+        const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
+        for_each_output_row<acc_t>(g, [&](acc_t* z, int64_t n, int64_t oh, int64_t row) {
+          conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
+          column_grad_sums<ACT>(z, pdy + row * g.Wo * g.C, g.Wo, g.C, ps, pt, pc, psg + row * g.C, psgz + row * g.C);
         });
-        psg[n * g.C + c] = sg;
-        psgz[n * g.C + c] = sgz;
+        return;
+      }
+      dispatch_kernel_size(g.K, [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        for_each_plane(g, px, [&](PaddedPlane<acc_t>& xp, acc_t* z, int64_t n, int64_t c) {
+          conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
+          const int64_t nc = n * g.C + c;
+          grad_sums_plane<ACT>(z, pdy + nc * g.Ho * g.Wo, g.Ho * g.Wo, ps[c], pt[c], pc[c], psg[nc], psgz[nc]);
+        });
       });
     });
     TORCH_CHECK(known, "unknown activation code ", act);
@@ -283,8 +581,10 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
   return {sum_g, sum_gz};
 }
 
-// dz = scale * dy * act'(scale * z + shift) + p + q * z; dx = conv_transpose(dz, w) (scattered into a
-// padded plane), dw[n, c] = sum over the plane of dz * the tap's input (partial per image).
+// dz = scale * dy * act'(scale * z + shift) + p + q * z (z recomputed); dx = conv_transpose(dz, w) and
+// partial dw = sum of dz * the tap's input. NCHW: per plane, dw partials per image. channels_last: dz
+// of every pixel first (an fp32 buffer the size of y) with dw partials per block of rows, then dx by
+// input row, gathering from dz.
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                                 const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
                                                 const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -293,54 +593,62 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&p, "p"}, {&q, "q"}})
     dwconv::check_channel_param(*t, x, g, name);
   dwconv::check_grad(grad, x, g);
+  const int64_t rows = g.N * g.Ho;
+  const int64_t P = g.channels_last ? std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads())) : g.N;
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::empty({g.N, g.C, g.K, g.K}, weight.options());
+  at::Tensor dw = at::zeros({P, g.C, g.K, g.K}, weight.options());
+  const at::Tensor wt = weight_table(weight, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
+    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
+                *pt = shift.const_data_ptr<acc_t>(), *pp = p.const_data_ptr<acc_t>(), *pq = q.const_data_ptr<acc_t>();
+    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    acc_t* pdw = dw.mutable_data_ptr<acc_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
-      const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-      const acc_t *pw = weight.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-                  *pt = shift.const_data_ptr<acc_t>(), *pp = p.const_data_ptr<acc_t>(), *pq = q.const_data_ptr<acc_t>();
-      scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-      acc_t* pdw = dw.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
-        PlaneWorker<scalar_t> wk(g);
-        std::vector<acc_t> dxp(wk.Hp * wk.Wp);
-        for (int64_t nc = begin; nc < end; ++nc) {
-          const int64_t n = nc / g.C, c = nc % g.C;
-          wk.conv(px, pw, n, c);
-          const acc_t s = ps[c], t = pt[c], pc = pp[c], qc = pq[c];
-          wk.for_each_output(n, c, [&](acc_t z, int64_t i, int64_t j) {
-            wk.z[j] = s * static_cast<acc_t>(pdy[i]) * activate_grad<ACT>(s * z + t) + pc + qc * z;
-          });
-          std::fill(dxp.begin(), dxp.end(), acc_t(0));
-          const acc_t* wc = pw + c * g.K * g.K;
-          acc_t* dwc = pdw + nc * g.K * g.K;
-          for (int64_t k = 0; k < g.K * g.K; ++k) dwc[k] = 0;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            const acc_t* dz = wk.z.data() + oh * g.Wo;
-            for (int64_t kh = 0; kh < g.K; ++kh) {
-              const int64_t r = (oh * g.sh + kh * g.dh) * wk.Wp;
-              for (int64_t kw = 0; kw < g.K; ++kw) {
-                const acc_t* xr = wk.xp.data() + r + kw * g.dw;
-                acc_t* dr = dxp.data() + r + kw * g.dw;
-                const acc_t wv = wc[kh * g.K + kw];
-                acc_t sum = 0;
-                for (int64_t ow = 0; ow < g.Wo; ++ow) {
-                  sum += dz[ow] * xr[ow * g.sw];
-                  dr[ow * g.sw] += wv * dz[ow];
-                }
-                dwc[kh * g.K + kw] += sum;
-              }
+      if (g.channels_last) {
+        const int64_t KK = g.K * g.K, row_len = g.Wo * g.C;
+        const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
+        at::Tensor dz = at::empty({rows, row_len}, weight.options());
+        acc_t* pdz = dz.mutable_data_ptr<acc_t>();
+        at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> dw_block(KK * g.C);
+          for (int64_t part = begin; part < end; ++part) {
+            std::fill(dw_block.begin(), dw_block.end(), acc_t(0));
+            for (int64_t row = part * rows / P; row < (part + 1) * rows / P; ++row) {
+              const int64_t n = row / g.Ho, oh = row % g.Ho;
+              acc_t* z = pdz + row * row_len;
+              conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
+              dz_in_place<ACT, true>(z, pdy + row * row_len, g.Wo, g.C, ps, pt, pp, pq);
+              weight_grad_row_nhwc(g, px + n * g.H * g.W * g.C, z, oh, dw_block.data());
             }
+            for (int64_t c = 0; c < g.C; ++c)
+              for (int64_t t = 0; t < KK; ++t) pdw[(part * g.C + c) * KK + t] = dw_block[t * g.C + c];
           }
-          scalar_t* dxb = pdx + wk.x_offset(n, c);
-          for (int64_t ih = 0; ih < g.H; ++ih) {
-            const acc_t* src = dxp.data() + (ih + g.ph) * wk.Wp + g.pw;
-            for (int64_t iw = 0; iw < g.W; ++iw) dxb[ih * wk.xs_h + iw * wk.xs_w] = static_cast<scalar_t>(src[iw]);
+        });
+        at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row)
+            input_grad_row_nhwc(g, pdz + (row / g.H) * g.Ho * row_len, pw, zero.data(), row % g.H,
+                                pdx + row * g.W * g.C);
+        });
+        return;
+      }
+      dispatch_kernel_size(g.K, [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+          PaddedPlane<acc_t> xp(g), dxp(g);
+          std::vector<acc_t> z(g.Ho * g.Wo);
+          for (int64_t nc = begin; nc < end; ++nc) {
+            const int64_t c = nc % g.C;
+            xp.load(px + nc * g.H * g.W);
+            conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z.data());
+            dz_in_place<ACT, false>(z.data(), pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c);
+            std::fill(dxp.buf.begin(), dxp.buf.end(), acc_t(0));
+            conv_plane_backward<K>(xp, dxp, z.data(), pw + c * K * K, pdw + nc * K * K);
+            dxp.store(pdx + nc * g.H * g.W);
           }
-        }
+        });
       });
     });
     TORCH_CHECK(known, "unknown activation code ", act);
