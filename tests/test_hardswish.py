@@ -237,3 +237,20 @@ def test_import_without_extension_warns_once_and_torch_backend_works():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+def test_inference_calls_skip_the_registered_op_only_when_nothing_needs_it():
+    """direct_call_ok: the op's implementation runs directly only without autograd, tracing or subclasses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastblocks.ops._common import direct_call_ok
+    x, p = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3))
+    assert direct_call_ok(x, p.detach())
+    assert not direct_call_ok(x, p)  # p needs a gradient
+    with torch.no_grad():
+        assert direct_call_ok(x, p)
+        with FakeTensorMode() as mode:
+            assert not direct_call_ok(mode.from_tensor(x))
+    calls = []
+    torch.compile(lambda t: calls.append(direct_call_ok(t)) or t, backend="eager", fullgraph=False)(x)
+    assert calls == [False]

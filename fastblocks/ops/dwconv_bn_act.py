@@ -34,8 +34,8 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_same, check_tensor, is_channels_last, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, tl, triton
+from fastblocks.ops._common import check_same, check_tensor, direct_call_ok, is_channels_last, nchw_or_nhwc
+from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
 
 register_op("dwconv_bn_act", "dwconv_affine_act_forward")
 
@@ -138,36 +138,6 @@ def _torch_affine_pre_activation(z: Tensor, scale: Tensor, shift: Tensor) -> Ten
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _act(u, ACT: tl.constexpr):
-    if ACT == 1:
-        u = tl.maximum(u, 0.0)
-    elif ACT == 2:
-        u = tl.minimum(tl.maximum(u, 0.0), 6.0)
-    elif ACT == 3:
-        u = u / (1.0 + tl.exp(-u))
-    elif ACT == 4:
-        u = u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
-    return u
-
-
-@triton.jit
-def _act_grad(u, ACT: tl.constexpr):
-    """Derivatives at the kinks as PyTorch: relu' = 0 at 0, relu6' = 1 only inside (0, 6)."""
-    if ACT == 1:
-        d = tl.where(u > 0.0, 1.0, 0.0)
-    elif ACT == 2:
-        d = tl.where((u > 0.0) & (u < 6.0), 1.0, 0.0)
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-u))
-        d = s * (1.0 + u * (1.0 - s))
-    elif ACT == 4:
-        d = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
-    else:
-        d = tl.full(u.shape, 1.0, u.dtype)
-    return d
-
-
-@triton.jit
 def _tile(C, Ho, Wo, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's image, partial-row index, output pixel coordinates and channels."""
     n = tl.program_id(2)
@@ -223,7 +193,7 @@ def _forward_kernel(X, Wt, S, T, Y, C, H, W, Ho, Wo, sxn, sxc, sxh, sxw, syn, sy
                    K, ACC, BLOCK_P, BLOCK_C)
     s = tl.load(S + cs, mask=cmask, other=0.0)
     t = tl.load(T + cs, mask=cmask, other=0.0)
-    y = _act(z * s[None, :] + t[None, :], ACT)
+    y = activate(z * s[None, :] + t[None, :], ACT)
     offs = n * syn + (oh * syh + ow * syw)[:, None] + cs[None, :].to(tl.int64) * syc
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
@@ -240,7 +210,7 @@ def _grad_tile(DY, X, Wt, S, T, n, oh, ow, cs, pmask, cmask, H, W, sxn, sxc, sxh
     offs = n * syn + (oh * syh + ow * syw)[:, None] + cs[None, :].to(tl.int64) * syc
     m = pmask[:, None] & cmask[None, :]
     dy = tl.load(DY + offs, mask=m, other=0.0).to(ACC)
-    g = tl.where(m, dy * _act_grad(z * s[None, :] + t[None, :], ACT), 0.0)
+    g = tl.where(m, dy * activate_grad(z * s[None, :] + t[None, :], ACT), 0.0)
     return z, g, s, offs, m
 
 
@@ -453,9 +423,8 @@ def _train_grad(ctx, grad, _grad_mean, _grad_invstd):
 _train_op.register_autograd(_train_grad, setup_context=_train_setup)
 
 
-@torch.library.custom_op("fastblocks::dwconv_affine_act", mutates_args=())
-def _affine_op(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: list[int], padding: list[int],
-               dilation: list[int], activation: str, impl: str) -> Tensor:
+def _affine_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: list[int], padding: list[int],
+                    dilation: list[int], activation: str, impl: str) -> Tensor:
     x = nchw_or_nhwc(x)
     geom = (stride, padding, dilation)
     if impl == "torch":
@@ -463,6 +432,9 @@ def _affine_op(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: 
         y = _torch_act(_torch_affine_pre_activation(z, scale, shift), activation)
         return y.contiguous(memory_format=_memory_format(x))
     return _KERNELS[impl].forward(x, weight, scale, shift, geom, activation)
+
+
+_affine_op = torch.library.custom_op("fastblocks::dwconv_affine_act", _affine_forward, mutates_args=())
 
 
 @torch.library.custom_op("fastblocks::dwconv_affine_act_backward", mutates_args=())
@@ -602,4 +574,5 @@ def _dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, bat
         return y, (mean, invstd ** -2 - eps, count)
     scale = gamma * torch.rsqrt(running_var.to(acc) + eps)
     shift = beta - running_mean.to(acc) * scale
-    return _affine_op(x, w, scale, shift, *geom, activation, backend), None
+    affine = _affine_forward if direct_call_ok(x, w, scale, shift) else _affine_op
+    return affine(x, w, scale, shift, *geom, activation, backend), None

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_same, check_tensor, dense, is_channels_last, like, nchw_or_nhwc
+from fastblocks.ops._common import check_same, check_tensor, dense, direct_call_ok, is_channels_last, like, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, grid1d, tile_offsets, tl, triton
 
 register_op("hardswish", "hardswish_forward")
@@ -227,14 +227,16 @@ _hardswish_op.register_autograd(_hardswish_grad, setup_context=_save_x)
 _hardsigmoid_op.register_autograd(_hardsigmoid_grad, setup_context=_save_x)
 
 
-@torch.library.custom_op("fastblocks::hardsigmoid_gate", mutates_args=())
-def _gate_op(x: Tensor, g: Tensor, impl: str) -> Tensor:
+def _gate_forward(x: Tensor, g: Tensor, impl: str) -> Tensor:
     x = nchw_or_nhwc(x)
     if impl == "torch":
         return hardsigmoid_gate_reference(x, g).contiguous(memory_format=_format(x))
     if impl == "triton":
         return _triton_gate_forward(x, g)
     return _ext.op("hardsigmoid_gate_forward")(x, g)
+
+
+_gate_op = torch.library.custom_op("fastblocks::hardsigmoid_gate", _gate_forward, mutates_args=())
 
 
 @torch.library.custom_op("fastblocks::hardsigmoid_gate_backward", mutates_args=())
@@ -285,13 +287,15 @@ _gate_op.register_autograd(_gate_grad, setup_context=_gate_setup)
 def hardswish(x: Tensor, impl: str | None = "auto") -> Tensor:
     """``x * clamp(x + 3, 0, 6) / 6``, equal to ``F.hardswish``; ``impl`` picks the backend."""
     check_tensor(x, "x")
-    return _hardswish_op(x, resolve("hardswish", impl, x))
+    impl = resolve("hardswish", impl, x)
+    return _act_forward(x, impl, hardswish=True) if direct_call_ok(x) else _hardswish_op(x, impl)
 
 
 def hardsigmoid(x: Tensor, impl: str | None = "auto") -> Tensor:
     """``clamp(x / 6 + 1/2, 0, 1)``, equal to ``F.hardsigmoid``; ``impl`` picks the backend."""
     check_tensor(x, "x")
-    return _hardsigmoid_op(x, resolve("hardsigmoid", impl, x))
+    impl = resolve("hardsigmoid", impl, x)
+    return _act_forward(x, impl, hardswish=False) if direct_call_ok(x) else _hardsigmoid_op(x, impl)
 
 
 def hardsigmoid_gate(x: Tensor, g: Tensor, impl: str | None = "auto") -> Tensor:
@@ -302,4 +306,5 @@ def hardsigmoid_gate(x: Tensor, g: Tensor, impl: str | None = "auto") -> Tensor:
     N, C = x.shape[:2]
     if g.shape not in ((N, C), (N, C, 1, 1)):
         raise ValueError(f"g must have shape [N, C] = [{N}, {C}] or [N, C, 1, 1], got {tuple(g.shape)}")
-    return _gate_op(x, g.reshape(N, C).contiguous(), resolve("hardsigmoid_gate", impl, x))
+    g = g.reshape(N, C).contiguous()
+    return (_gate_forward if direct_call_ok(x, g) else _gate_op)(x, g, resolve("hardsigmoid_gate", impl, x))

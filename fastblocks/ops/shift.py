@@ -48,7 +48,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, is_channels_last, nchw_or_nhwc
+from fastblocks.ops._common import check_tensor, direct_call_ok, is_channels_last, nchw_or_nhwc
 from fastblocks.ops._triton import tl, triton
 
 register_op("shift", "shift_forward")
@@ -171,8 +171,7 @@ def _empty_out(x: Tensor, height: int, width: int) -> Tensor:
     return torch.empty((x.shape[0], x.shape[1], height, width), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-@torch.library.custom_op("fastblocks::shift", mutates_args=())
-def _shift_op(x: Tensor, kernel_size: int, dilation: int, stride: int, impl: str) -> Tensor:
+def _shift_forward(x: Tensor, kernel_size: int, dilation: int, stride: int, impl: str) -> Tensor:
     x = nchw_or_nhwc(x)
     H, W = x.shape[2:]
     if impl == "torch":
@@ -182,6 +181,9 @@ def _shift_op(x: Tensor, kernel_size: int, dilation: int, stride: int, impl: str
         out = _empty_out(x, output_size(H, stride), output_size(W, stride))
         return _triton_shift(x, out, kernel_size, dilation, sign=1, mul=stride, div=1)
     return _ext.op("shift_forward")(x, kernel_size, dilation, stride)
+
+
+_shift_op = torch.library.custom_op("fastblocks::shift", _shift_forward, mutates_args=())
 
 
 @torch.library.custom_op("fastblocks::shift_backward", mutates_args=())
@@ -253,4 +255,5 @@ def shift(x: Tensor, kernel_size: int = 3, dilation: int = 1, stride: int = 1, i
     _check_int(kernel_size, "kernel_size", odd=True)
     _check_int(dilation, "dilation")
     _check_int(stride, "stride")
-    return _shift_op(x, kernel_size, dilation, stride, resolve("shift", impl, x))
+    shift_fn = _shift_forward if direct_call_ok(x) else _shift_op
+    return shift_fn(x, kernel_size, dilation, stride, resolve("shift", impl, x))

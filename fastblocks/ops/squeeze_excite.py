@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, is_channels_last, like, nchw_or_nhwc
+from fastblocks.ops._common import check_tensor, direct_call_ok, is_channels_last, like, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, tile_offsets, tl, triton
 
 register_op("squeeze_excite", "squeeze_excite_forward")
@@ -203,15 +203,17 @@ def _excite(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, acti
     return h, a, torch.addmm(b2.to(acc), a, w2.to(acc).t())
 
 
-@torch.library.custom_op("fastblocks::squeeze_excite", mutates_args=())
-def _se_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, scale_activation: str,
-           impl: str) -> Tensor:
+def _se_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, scale_activation: str,
+                impl: str) -> Tensor:
     x = nchw_or_nhwc(x)
     if impl in ("cpp", "cuda"):
         return _ext.op("squeeze_excite_forward")(x, w1, b1, w2, b2, _ACT_CODES[activation],
                                                  scale_activation == "hardsigmoid")
     z = _excite(_pool(x, impl), w1, b1, w2, b2, activation)[2]
     return _gate(x, SCALE_ACTIVATIONS[scale_activation][0](z), None, impl)
+
+
+_se_op = torch.library.custom_op("fastblocks::squeeze_excite", _se_forward, mutates_args=())
 
 
 @torch.library.custom_op("fastblocks::squeeze_excite_backward", mutates_args=())
@@ -298,4 +300,5 @@ def squeeze_excite(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ac
     b1 = _check_param(b1, "b1", x, (S,))
     w2 = _check_param(w2, "w2", x, (C, S))
     b2 = _check_param(b2, "b2", x, (C,))
-    return _se_op(x, w1, b1, w2, b2, activation, scale_activation, resolve("squeeze_excite", impl, x))
+    se = _se_forward if direct_call_ok(x, w1, b1, w2, b2) else _se_op
+    return se(x, w1, b1, w2, b2, activation, scale_activation, resolve("squeeze_excite", impl, x))
