@@ -87,7 +87,7 @@ namespace {
 
 using dwconv::DWGeometry;
 
-constexpr int kMaxTaps = 49;  // 7 x 7
+constexpr int kMaxKernel = 7, kMaxTaps = kMaxKernel * kMaxKernel;
 
 // Calls f(std::integral_constant<int, K>{}) for the kernel sizes make_geometry accepts (3, 5, 7).
 template <typename F>
@@ -306,23 +306,6 @@ FB_SIMD_INLINE int output_taps(const DWGeometry& g, int64_t oh, int64_t ow, int6
   return n;
 }
 
-// The transposed taps: the output pixels that read input pixel (ih, iw), as offsets in a [Ho, Wo, C]
-// image, and the weight rows they read it with.
-FB_SIMD_INLINE int input_taps(const DWGeometry& g, int64_t ih, int64_t iw, int64_t* y_off, int64_t* w_off) {
-  int n = 0;
-  for (int64_t kh = 0; kh < g.K; ++kh) {
-    const int64_t oh_s = ih + g.ph - kh * g.dh;
-    if (oh_s < 0 || oh_s % g.sh != 0 || oh_s / g.sh >= g.Ho) continue;
-    for (int64_t kw = 0; kw < g.K; ++kw) {
-      const int64_t ow_s = iw + g.pw - kw * g.dw;
-      if (ow_s < 0 || ow_s % g.sw != 0 || ow_s / g.sw >= g.Wo) continue;
-      y_off[n] = ((oh_s / g.sh) * g.Wo + ow_s / g.sw) * g.C;
-      w_off[n++] = (kh * g.K + kw) * g.C;
-    }
-  }
-  return n;
-}
-
 // out[p * C + c] = act(bias[c] + sum over t < nt of wt[w_off[t] + c] * src[src_off[t] + p * pix_step + c])
 // for P pixels with the same taps and kBlock vectors of channels from c = 0: P * kBlock independent
 // accumulators (see conv_plane), and each weight vector loaded once for the P pixels.
@@ -398,34 +381,76 @@ FB_CPU_MULTIVERSION void conv_row_nhwc(const DWGeometry& g, const scalar_t* x_im
 }
 
 // dx[iw, c] = sum over the output pixels that read (ih, iw) of wt[tap, c] * dz[pixel, c], for input row
-// ih of one image (dz_img: [Ho, Wo, C]; zero: C zeros).
+// ih of one image (dz_img: [Ho, Wo, C]; zero: C zeros). Those pixels are the output rows that read
+// input row ih crossed with the output columns that read column iw, each found once per row.
 template <typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void input_grad_row_nhwc(const DWGeometry& g, const acc_t* dz_img, const acc_t* wt,
                                              const acc_t* zero, int64_t ih, scalar_t* dx) {
+  int64_t out_rows[kMaxKernel], row_kh[kMaxKernel];
+  int nr = 0;
+  for (int64_t kh = 0; kh < g.K; ++kh) {
+    const int64_t oh_s = ih + g.ph - kh * g.dh;
+    if (oh_s >= 0 && oh_s % g.sh == 0 && oh_s / g.sh < g.Ho) out_rows[nr] = oh_s / g.sh, row_kh[nr++] = kh;
+  }
+  std::vector<int64_t> out_col(g.W * g.K);  // output column reading (iw, kw), or -1
+  for (int64_t iw = 0; iw < g.W; ++iw)
+    for (int64_t kw = 0; kw < g.K; ++kw) {
+      const int64_t ow_s = iw + g.pw - kw * g.dw;
+      out_col[iw * g.K + kw] = ow_s >= 0 && ow_s % g.sw == 0 && ow_s / g.sw < g.Wo ? ow_s / g.sw : -1;
+    }
   int64_t y_off[kMaxTaps], w_off[kMaxTaps];
   for (int64_t iw = 0; iw < g.W; ++iw) {
-    const int nt = input_taps(g, ih, iw, y_off, w_off);
+    int nt = 0;
+    for (int r = 0; r < nr; ++r)
+      for (int64_t kw = 0; kw < g.K; ++kw) {
+        const int64_t ow = out_col[iw * g.K + kw];
+        if (ow < 0) continue;
+        y_off[nt] = (out_rows[r] * g.Wo + ow) * g.C;
+        w_off[nt++] = (row_kh[r] * g.K + kw) * g.C;
+      }
     sum_taps_nhwc<kIdentity>(nt, dz_img, dz_img + g.Ho * g.Wo * g.C, y_off, wt, w_off, zero, g.C, dx + iw * g.C);
   }
 }
 
-// dw[tap, c] += sum over output row oh of dz[ow, c] * x[tap's pixel, c].
+// out[b * L + j] += sum over i < n of d[i * d_step + b * L + j] * x[i * x_step + b * L + j]: kBlock
+// vectors of channels summed down a column of pixels in registers.
+template <int kBlock, typename scalar_t, typename acc_t>
+FB_SIMD_INLINE void column_dot(const acc_t* d, int64_t d_step, const scalar_t* x, int64_t x_step, int64_t n,
+                               acc_t* out) {
+  constexpr int L = simd::lanes<acc_t>;
+  simd::vec<acc_t> a[kBlock] = {};
+  for (int64_t i = 0; i < n; ++i)
+    for (int b = 0; b < kBlock; ++b)
+      a[b] += simd::load<acc_t>(d + i * d_step + b * L) * simd::load<acc_t>(x + i * x_step + b * L);
+  for (int b = 0; b < kBlock; ++b) simd::store(out + b * L, simd::load<acc_t>(out + b * L) + a[b]);
+}
+
+// dw[tap, c] += sum over output row oh of dz[ow, c] * x[tap's pixel, c]. For each tap the output
+// columns whose input lies inside the image are one range, reduced in registers (no stores per pixel).
 template <typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void weight_grad_row_nhwc(const DWGeometry& g, const scalar_t* x_img, const acc_t* dz, int64_t oh,
                                               acc_t* dw) {
   constexpr int L = simd::lanes<acc_t>;
-  int64_t x_off[kMaxTaps], w_off[kMaxTaps];
-  const int64_t C = g.C;
-  for (int64_t ow = 0; ow < g.Wo; ++ow) {
-    const int nt = output_taps(g, oh, ow, x_off, w_off);
-    const acc_t* d = dz + ow * C;
-    for (int t = 0; t < nt; ++t) {
-      acc_t* dwt = dw + w_off[t];
-      const scalar_t* xr = x_img + x_off[t];
+  const int64_t C = g.C, x_step = g.sw * C;
+  for (int64_t kh = 0; kh < g.K; ++kh) {
+    const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t kw = 0; kw < g.K; ++kw) {
+      const int64_t lead = g.pw - kw * g.dw;  // input column of output ow: ow * sw - lead
+      const int64_t ow_a = lead > 0 ? (lead + g.sw - 1) / g.sw : 0;
+      const int64_t ow_b = std::min(g.Wo, g.W - 1 + lead >= 0 ? (g.W - 1 + lead) / g.sw + 1 : 0);
+      if (ow_a >= ow_b) continue;
+      const scalar_t* x = x_img + (ih * g.W + ow_a * g.sw - lead) * C;
+      const acc_t* d = dz + ow_a * C;
+      acc_t* dwt = dw + (kh * g.K + kw) * C;
       int64_t c = 0;
-      for (; c + L <= C; c += L)
-        simd::store(dwt + c, simd::load<acc_t>(dwt + c) + simd::load<acc_t>(d + c) * simd::load<acc_t>(xr + c));
-      for (; c < C; ++c) dwt[c] += d[c] * static_cast<acc_t>(xr[c]);
+      for (; c + 4 * L <= C; c += 4 * L) column_dot<4>(d + c, C, x + c, x_step, ow_b - ow_a, dwt + c);
+      for (; c + L <= C; c += L) column_dot<1>(d + c, C, x + c, x_step, ow_b - ow_a, dwt + c);
+      for (; c < C; ++c) {
+        acc_t sum = 0;
+        for (int64_t i = 0; i < ow_b - ow_a; ++i) sum += d[i * C + c] * static_cast<acc_t>(x[i * x_step + c]);
+        dwt[c] += sum;
+      }
     }
   }
 }
