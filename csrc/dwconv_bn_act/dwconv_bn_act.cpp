@@ -213,11 +213,11 @@ FB_CPU_MULTIVERSION void conv_plane(PaddedPlane<acc_t>& xp, const acc_t* w, acc_
   }
 }
 
-// The adjoint of conv_plane (identity activation, dz given): dw[t] = sum of dz * the tap's input, and
-// dx_pad += w[t] * dz at each tap's input positions. A row's last vector of dz is zero past the row,
-// so its extra lanes add nothing.
+// The adjoint of conv_plane (identity activation, dz given): dw[t] = sum of dz * the tap's input, and,
+// unless dxp is null, dx_pad += w[t] * dz at each tap's input positions. A row's last vector of dz is
+// zero past the row, so its extra lanes add nothing.
 template <int K, typename acc_t>
-FB_CPU_MULTIVERSION void conv_plane_backward(PaddedPlane<acc_t>& xp, PaddedPlane<acc_t>& dxp, const acc_t* dz,
+FB_CPU_MULTIVERSION void conv_plane_backward(PaddedPlane<acc_t>& xp, PaddedPlane<acc_t>* dxp, const acc_t* dz,
                                              const acc_t* w, acc_t* dw) {
   constexpr int L = simd::lanes<acc_t>;
   const DWGeometry& g = xp.g;
@@ -229,7 +229,7 @@ FB_CPU_MULTIVERSION void conv_plane_backward(PaddedPlane<acc_t>& xp, PaddedPlane
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int t = 0; t < K * K; ++t) {
       x_taps[t] = xp.buf.data() + off[t] + oh * xp.row_step();
-      dx_taps[t] = dxp.buf.data() + off[t] + oh * xp.row_step();
+      dx_taps[t] = dxp ? dxp->buf.data() + off[t] + oh * xp.row_step() : nullptr;
     }
     for (int64_t ow = 0; ow < g.Wo; ow += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, g.Wo - ow));
@@ -237,11 +237,21 @@ FB_CPU_MULTIVERSION void conv_plane_backward(PaddedPlane<acc_t>& xp, PaddedPlane
       const simd::vec<acc_t> d = n == L ? simd::load<acc_t>(dr) : simd::load_partial<acc_t>(dr, n);
       for (int t = 0; t < K * K; ++t) {
         dw_acc[t] += d * simd::load<acc_t>(x_taps[t] + ow);
-        simd::store(dx_taps[t] + ow, simd::load<acc_t>(dx_taps[t] + ow) + w[t] * d);
+        if (dxp) simd::store(dx_taps[t] + ow, simd::load<acc_t>(dx_taps[t] + ow) + w[t] * d);
       }
     }
   }
   for (int t = 0; t < K * K; ++t) dw[t] = simd::reduce_add<acc_t>(dw_acc[t]);
+}
+
+// With stride 1, dx = conv_transpose(dz, w) is the convolution of dz, zero-padded by d * (K - 1) - p,
+// with the flipped filter: a gather that runs as conv_plane. gt: that convolution's geometry.
+bool transpose_as_conv(const DWGeometry& g, DWGeometry& gt) {
+  if (g.sh != 1 || g.sw != 1 || g.ph > g.dh * (g.K - 1) || g.pw > g.dw * (g.K - 1)) return false;
+  gt = g;
+  gt.H = g.Ho, gt.W = g.Wo, gt.Ho = g.H, gt.Wo = g.W;
+  gt.ph = g.dh * (g.K - 1) - g.ph, gt.pw = g.dw * (g.K - 1) - g.pw;
+  return true;
 }
 
 // Mean and sum of squared deviations of n values (two passes over a plane in cache: no cancellation).
@@ -661,17 +671,29 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
       }
       dispatch_kernel_size(g.K, [&](auto k) {
         constexpr int K = decltype(k)::value;
+        DWGeometry gt;
+        const bool gather = transpose_as_conv(g, gt);
         at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
-          PaddedPlane<acc_t> xp(g), dxp(g);
+          // dxp: the padded dz to gather from (stride 1), else the padded dx to scatter into
+          PaddedPlane<acc_t> xp(g), dxp(gather ? gt : g);
           std::vector<acc_t> z(g.Ho * g.Wo);
+          acc_t flipped[K * K];
           for (int64_t nc = begin; nc < end; ++nc) {
             const int64_t c = nc % g.C;
+            const acc_t* wc = pw + c * K * K;
             xp.load(px + nc * g.H * g.W);
-            conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z.data());
+            conv_plane<K, kIdentity>(xp, wc, acc_t(0), z.data());
             dz_in_place<ACT, false>(z.data(), pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c);
-            std::fill(dxp.buf.begin(), dxp.buf.end(), acc_t(0));
-            conv_plane_backward<K>(xp, dxp, z.data(), pw + c * K * K, pdw + nc * K * K);
-            dxp.store(pdx + nc * g.H * g.W);
+            if (gather) {
+              conv_plane_backward<K>(xp, static_cast<PaddedPlane<acc_t>*>(nullptr), z.data(), wc, pdw + nc * K * K);
+              dxp.load(z.data());
+              for (int t = 0; t < K * K; ++t) flipped[t] = wc[K * K - 1 - t];
+              conv_plane<K, kIdentity>(dxp, flipped, acc_t(0), pdx + nc * g.H * g.W);
+            } else {
+              std::fill(dxp.buf.begin(), dxp.buf.end(), acc_t(0));
+              conv_plane_backward<K>(xp, &dxp, z.data(), wc, pdw + nc * K * K);
+              dxp.store(pdx + nc * g.H * g.W);
+            }
           }
         });
       });
