@@ -70,7 +70,7 @@ FB_HOST_DEVICE T relu6_grad(T x) {
 // instead of floor), so that CPU loops calling it vectorise, where libm's expf is a scalar call. Error
 // about 1 ulp; inputs are clamped to [-87.3, 88], where the result is still a normal float (sigmoid and
 // SiLU are unaffected). NaN propagates.
-FB_HOST_DEVICE float expf_vectorizable(float x) {
+inline __attribute__((always_inline)) float expf_vectorizable(float x) {
   x = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
   constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: n = round(x / ln 2) lands in the low mantissa bits
   const float shifted = x * 1.44269504088896341f + kShifter;
