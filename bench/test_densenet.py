@@ -25,11 +25,11 @@ BUDGET_BYTES = 4 << 30  # for the largest-batch search (the issue's target peak 
 
 def _model(fb_bench, variant: str) -> torch.nn.Module:
     if variant == CHECKPOINT:
-        model = fb_bench.pick("eager", "bn_relu", eager=torchvision.models.densenet121(memory_efficient=True),
+        model = fb_bench.pick("eager", "bn_act", eager=torchvision.models.densenet121(memory_efficient=True),
                               fastblocks=None)
         fb_bench.variant = CHECKPOINT
     else:
-        model = fb_bench.pick(variant, "bn_relu", whole_model=True, eager=torchvision.models.densenet121(),
+        model = fb_bench.pick(variant, "bn_act", whole_model=True, eager=torchvision.models.densenet121(),
                               fastblocks=lambda impl: models.densenet121(impl=impl))
     return fb_bench.module(model)
 

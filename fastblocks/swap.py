@@ -4,12 +4,16 @@ Known modules, matched by exact type (a subclass may change ``forward``):
 
 - torchvision: ``MBConv``, ``FusedMBConv``, MobileNetV2/V3 ``InvertedResidual``, ``Fire`` (whole
   blocks, same ``state_dict`` keys); a depthwise ``Conv2dNormActivation`` -> :class:`DWConvBNAct`,
+  any other with BatchNorm2d and SiLU / ReLU / ReLU6 / hard-swish (the stems and heads) ->
+  :class:`ConvNormAct` (fused BatchNorm + activation, the same children),
   ``SqueezeExcitation`` -> :class:`SqueezeExcite` (wherever they appear).
 - timm: in ``DepthwiseSeparableConv``, ``InvertedResidual`` and ``ConvBnAct`` the depthwise conv and
   the ``BatchNormAct2d`` after it become one :class:`DWConvBNAct` held by the conv's attribute
   (``conv_dw``), the norm's attribute (``bn1`` / ``bn2``) becomes ``nn.Identity``; timm's
   ``SqueezeExcite`` -> :class:`SqueezeExcite`. The parameters are the same tensors but their keys
-  move (``bn2.weight`` -> ``conv_dw.1.weight``): load timm checkpoints before swapping.
+  move (``bn2.weight`` -> ``conv_dw.1.weight``): load timm checkpoints before swapping. Any other
+  ``BatchNormAct2d`` with SiLU / ReLU / ReLU6 / hard-swish -> fastblocks :class:`BatchNormAct2d`
+  (fused, same keys).
 - torch: ``nn.Hardswish`` / ``nn.Hardsigmoid`` -> fastblocks :class:`HardSwish` / :class:`HardSigmoid`.
 
 A module whose variant fastblocks does not implement (another norm layer, an odd padding...) is kept
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from fastblocks.nn.activations import HardSigmoid, HardSwish
-from fastblocks.nn.blocks import FusedMBConv, Fire, InvertedResidual, MBConv, adopt
+from fastblocks.nn.blocks import BatchNormAct2d, ConvNormAct, Fire, FusedMBConv, InvertedResidual, MBConv, adopt
 from fastblocks.nn.densenet import DenseBlock, Transition
 from fastblocks.nn.dwconv import DWConvBNAct
 from fastblocks.nn.squeeze_excite import SqueezeExcite
@@ -146,10 +150,20 @@ def _fused_depthwise(conv_bn_act: nn.Sequential, impl: str) -> DWConvBNAct:
 
 
 def _tv_conv_norm_act(m, impl):
-    """torchvision Conv2dNormActivation: fused when depthwise, else left (its activation may still convert)."""
-    if not _is_depthwise(m[0]):
+    """torchvision Conv2dNormActivation: a DWConvBNAct when depthwise, a ConvNormAct when its BatchNorm and
+    activation fuse, else left (its activation may still convert)."""
+    if _is_depthwise(m[0]):
+        return _fused_depthwise(m, impl)
+    new = ConvNormAct.from_module(m, impl)
+    return new if new.fused_activation() is not None else None
+
+
+def _timm_bn_act(m, impl):
+    """timm BatchNormAct2d (one not fused into a depthwise conv): fastblocks BatchNormAct2d when it has an
+    activation, else left (nothing to fuse)."""
+    if type(m.act) is nn.Identity:
         return None
-    return _fused_depthwise(m, impl)
+    return BatchNormAct2d.from_module(m, impl)
 
 
 def _timm_depthwise_block(m, impl):
@@ -231,7 +245,7 @@ def _converters() -> dict[type, Converter]:
             densenet._Transition: _dense(None),
         })
     try:
-        from timm.layers import BatchNormAct2d
+        from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
         from timm.models import _efficientnet_blocks as timm_blocks
         from timm.models import densenet as timm_densenet
     except ImportError:
@@ -239,7 +253,8 @@ def _converters() -> dict[type, Converter]:
     else:
         table.update({getattr(timm_blocks, name): _timm_depthwise_block for name in _TIMM_DEPTHWISE})
         table[timm_blocks.SqueezeExcite] = _squeeze_excite
-        table[timm_densenet.DenseBlock] = _dense(BatchNormAct2d)
-        table[timm_densenet.DenseTransition] = _dense(BatchNormAct2d)
+        table[TimmBatchNormAct2d] = _timm_bn_act
+        table[timm_densenet.DenseBlock] = _dense(TimmBatchNormAct2d)
+        table[timm_densenet.DenseTransition] = _dense(TimmBatchNormAct2d)
     _CONVERTERS = table
     return table

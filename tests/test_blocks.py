@@ -25,7 +25,7 @@ from fastblocks.nn.blocks import ConvNormAct, Fire, FusedMBConv, InvertedResidua
 from tests.conftest import require_backend  # noqa: E402
 
 # The fused ops a block runs; a backend must be able to run all of them.
-OPS = ("dwconv_bn_act", "squeeze_excite", "hardswish")
+OPS = ("dwconv_bn_act", "squeeze_excite", "hardswish", "bn_act")
 # Backends for CPU tensors that are fast enough for every case; Triton (interpreted) gets one small case.
 CPU_IMPLS = ["torch", "cpp"]
 # Per-tensor check ||fb - ref|| <= RTOL * ||ref|| + ATOL * (largest ||ref|| of the group): gradients that are

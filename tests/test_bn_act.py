@@ -1,5 +1,5 @@
-"""Fused BatchNorm + ReLU (fastblocks.ops.bn_relu) against F.batch_norm + F.relu, for every backend,
-on dense tensors and on channel slices of NCHW and channels_last buffers."""
+"""Fused BatchNorm + activation (fastblocks.ops.bn_act) against F.batch_norm + the activation, for every
+backend and activation, on dense tensors and on channel slices of NCHW and channels_last buffers."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 import fastblocks
 from fastblocks import ops
-from fastblocks.ops.bn_relu import batch_stats
+from fastblocks.ops.bn_act import ACTIVATIONS, batch_stats
 from tests.conftest import require_backend
 
 LAYOUTS = ["contiguous", "channels_last", "slice", "slice_channels_last", "strided"]
+ACTIVATION_FNS = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
 
 
 def _input(shape, layout, dtype=torch.float32, device="cpu", extra=5):
@@ -28,23 +29,29 @@ def _input(shape, layout, dtype=torch.float32, device="cpu", extra=5):
                                  else torch.contiguous_format)
 
 
-def _reference(x, w, b, rm=None, rv=None, training=True, eps=1e-5):
-    return F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.1, eps))
+def _reference(x, w, b, rm=None, rv=None, training=True, eps=1e-5, activation="relu"):
+    return ACTIVATION_FNS[activation](F.batch_norm(x, rm, rv, w, b, training, 0.1, eps))
+
+
+def test_every_activation_is_tested():
+    assert set(ACTIVATION_FNS) == set(ACTIVATIONS)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 20, 3, 3), (3, 67, 4, 2)])
-def test_matches_batch_norm_relu(backend, device, layout, training, shape):
-    require_backend("bn_relu", backend, device)
+@pytest.mark.parametrize("shape, activation", [((2, 3, 5, 7), "relu"), ((1, 20, 3, 3), "silu"),
+                                               ((3, 67, 4, 2), "hardswish"), ((2, 9, 3, 5), "relu6"),
+                                               ((2, 4, 3, 3), "none")])
+def test_matches_batch_norm_act(backend, device, layout, training, shape, activation):
+    require_backend("bn_act", backend, device)
     C = shape[1]
     x = _input(shape, layout, device=device).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     w = torch.randn(C, device=device, requires_grad=True)
     b = torch.randn(C, device=device, requires_grad=True)
     rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
-    y, mean, var = ops.bn_relu(x, w, b, rm, rv, training, 1e-5, impl=backend)
-    yr = _reference(xr, w, b, rm.clone(), rv.clone(), training)
+    y, mean, var = ops.bn_act(x, w, b, rm, rv, training, 1e-5, activation, impl=backend)
+    yr = _reference(xr, w, b, rm.clone(), rv.clone(), training, activation=activation)
     torch.testing.assert_close(y, yr)
     if layout.endswith("channels_last") and min(shape[1], shape[2] * shape[3]) > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -60,80 +67,93 @@ def test_matches_batch_norm_relu(backend, device, layout, training, shape):
 
 def test_slice_is_read_in_place_not_copied(backend):
     """The view of the block buffer is what backward saves: no copy of the slice."""
-    require_backend("bn_relu", backend)
+    require_backend("bn_act", backend)
     for layout in ("slice", "slice_channels_last"):
         x = _input((2, 6, 3, 4), layout).requires_grad_()
         w, b = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            ops.bn_relu(x, w, b, impl=backend)
+            ops.bn_act(x, w, b, activation="silu", impl=backend)
         ptrs = {t.untyped_storage().data_ptr() for t in saved if t.dim() == 4}
         assert ptrs == {x.untyped_storage().data_ptr()}
 
 
 def test_variance_without_cancellation(backend):
     """A large mean and a tiny spread: a one-pass sum of squares in float32 would lose the variance."""
-    require_backend("bn_relu", backend)
+    require_backend("bn_act", backend)
     x = (1000 + 1e-2 * torch.randn(4, 3, 8, 8, dtype=torch.float64)).float()
     mean, var = batch_stats(x, backend)
     exact = x.double().var((0, 2, 3), unbiased=False)
     torch.testing.assert_close(var.double(), exact, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "slice", "slice_channels_last"])
+def _away_from_kinks(u: torch.Tensor, activation: str) -> bool:
+    """No pre-activation value within 1e-3 of a kink, where finite differences are meaningless."""
+    kinks = {"relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0)}.get(activation, ())
+    return all(((u - k).abs() > 1e-3).all() for k in kinks)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "slice_channels_last"])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck(backend, device, layout, training):
-    require_backend("bn_relu", backend, device, torch.float64)
+def test_gradcheck(backend, device, layout, training, activation):
+    require_backend("bn_act", backend, device, torch.float64)
     x = _input((2, 3, 2, 3), layout, torch.float64, device).requires_grad_()
-    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.tensor([1.5, -2.0, 3.0], dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
     rm = torch.randn(3, dtype=torch.float64, device=device)
     rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
-    assert torch.autograd.gradcheck(lambda t, w, b: ops.bn_relu(t, w, b, rm, rv, training, impl=backend)[0], (x, w, b))
+    u = F.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), training, 0.1, 1e-5)
+    assert _away_from_kinks(u, activation)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b: ops.bn_act(t, w, b, rm, rv, training, activation=activation, impl=backend)[0], (x, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "slice_channels_last"])
-def test_low_precision_error_within_twice_eager(backend, device, dtype, layout):
-    require_backend("bn_relu", backend, device, dtype)
+@pytest.mark.parametrize("layout, activation", [("contiguous", "relu"), ("slice_channels_last", "silu"),
+                                                ("channels_last", "hardswish")])
+def test_low_precision_error_within_twice_eager(backend, device, dtype, layout, activation):
+    require_backend("bn_act", backend, device, dtype)
     x = _input((4, 24, 9, 9), layout, dtype, device)
     w = torch.rand(24, device=device) + 0.5
     b = torch.randn(24, device=device)
-    exact = _reference(x.double(), w.double(), b.double())
-    err_fb = (ops.bn_relu(x, w, b, impl=backend)[0].double() - exact).abs().max()
-    err_eager = (_reference(x, w.to(dtype), b.to(dtype)).double() - exact).abs().max()
+    exact = _reference(x.double(), w.double(), b.double(), activation=activation)
+    err_fb = (ops.bn_act(x, w, b, activation=activation, impl=backend)[0].double() - exact).abs().max()
+    err_eager = (_reference(x, w.to(dtype), b.to(dtype), activation=activation).double() - exact).abs().max()
     assert err_fb <= 2 * err_eager + 1e-6
 
 
 def test_affine_false_and_no_running_stats(backend):
-    require_backend("bn_relu", backend)
+    require_backend("bn_act", backend)
     x = _input((2, 5, 3, 3), "slice")
-    y, _, _ = ops.bn_relu(x, None, None, impl=backend)
-    torch.testing.assert_close(y, _reference(x, None, None))
+    y, _, _ = ops.bn_act(x, None, None, activation="silu", impl=backend)
+    torch.testing.assert_close(y, _reference(x, None, None, activation="silu"))
 
 
 def test_opcheck(backend):
-    require_backend("bn_relu", backend)
-    for layout in ("contiguous", "slice", "slice_channels_last"):
+    require_backend("bn_act", backend)
+    for layout, act in zip(("contiguous", "slice", "slice_channels_last"), ("silu", "relu", "hardswish")):
         x = _input((2, 6, 3, 5), layout).requires_grad_()
-        mean, var = torch.ops.fastblocks.bn_relu_stats(x.detach(), backend)
-        torch.library.opcheck(torch.ops.fastblocks.bn_relu_stats.default, (x.detach(), backend))
+        mean, var = torch.ops.fastblocks.bn_act_stats(x.detach(), backend)
+        torch.library.opcheck(torch.ops.fastblocks.bn_act_stats.default, (x.detach(), backend))
         invstd = torch.rsqrt(var + 1e-5)
         w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
-        torch.library.opcheck(torch.ops.fastblocks.bn_relu.default, (x, mean, invstd, w, b, True, backend))
-        y = torch.ops.fastblocks.bn_relu(x, mean, invstd, w, b, True, backend)
-        torch.library.opcheck(torch.ops.fastblocks.bn_relu_backward.default,
-                              (torch.randn_like(y), x.detach(), mean, invstd, w.detach(), b.detach(), False, backend))
+        torch.library.opcheck(torch.ops.fastblocks.bn_act.default, (x, mean, invstd, w, b, True, act, backend))
+        y = torch.ops.fastblocks.bn_act(x, mean, invstd, w, b, True, act, backend)
+        torch.library.opcheck(torch.ops.fastblocks.bn_act_backward.default,
+                              (torch.randn_like(y), x.detach(), mean, invstd, w.detach(), b.detach(), False, act,
+                               backend))
 
 
 @pytest.mark.parametrize("compile_backend", ["torch", "cpp"])
-def test_compile_fullgraph(compile_backend):
-    require_backend("bn_relu", compile_backend)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_compile_fullgraph(compile_backend, activation):
+    require_backend("bn_act", compile_backend)
     torch._dynamo.reset()
     w, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
 
     def f(buf):
-        return ops.bn_relu(buf[:, :5], w, b, impl=compile_backend)[0].sum()
+        return ops.bn_act(buf[:, :5], w, b, activation=activation, impl=compile_backend)[0].sum()
 
     buf = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -145,9 +165,9 @@ def test_compile_fullgraph(compile_backend):
 
 
 def test_empty_batch(backend):
-    require_backend("bn_relu", backend)
+    require_backend("bn_act", backend)
     x = torch.empty(0, 3, 4, 4, requires_grad=True)
-    y, _, _ = ops.bn_relu(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), training=False,
+    y, _, _ = ops.bn_act(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3), training=False,
                           impl=backend)
     assert y.shape == x.shape
 
@@ -156,31 +176,39 @@ def test_bad_inputs_give_clear_errors():
     x = torch.randn(2, 3, 4, 4)
     w = torch.ones(3)
     with pytest.raises(ValueError, match=r"x must be \[N, C, H, W\]"):
-        ops.bn_relu(torch.randn(2, 3), w, w)
+        ops.bn_act(torch.randn(2, 3), w, w)
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        ops.bn_relu(torch.ones(2, 3, 4, 4, dtype=torch.int64), w, w)
+        ops.bn_act(torch.ones(2, 3, 4, 4, dtype=torch.int64), w, w)
     with pytest.raises(ValueError, match=r"weight must have shape \[C\] = \[3\]"):
-        ops.bn_relu(x, torch.ones(4), w)
+        ops.bn_act(x, torch.ones(4), w)
     with pytest.raises(ValueError, match="running_mean and running_var must both be given"):
-        ops.bn_relu(x, w, w, running_mean=torch.zeros(3))
+        ops.bn_act(x, w, w, running_mean=torch.zeros(3))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        ops.bn_relu(torch.randn(1, 3, 1, 1), w, w)
+        ops.bn_act(torch.randn(1, 3, 1, 1), w, w)
     with pytest.raises(ValueError, match="impl= must be one of"):
-        ops.bn_relu(x, w, w, impl="fast")
+        ops.bn_act(x, w, w, impl="fast")
+    with pytest.raises(ValueError, match=r"activation must be one of \('none', 'relu'"):
+        ops.bn_act(x, w, w, activation="gelu")
     with pytest.raises(fastblocks.BackendUnavailable, match="cuda backend runs CUDA tensors|without CUDA|not built"):
-        ops.bn_relu(x, w, w, impl="cuda")
+        ops.bn_act(x, w, w, impl="cuda")
 
 
 def test_extension_checks_its_inputs():
-    require_backend("bn_relu", "cpp")
+    require_backend("bn_act", "cpp")
     ext = torch.ops.fastblocks_ext
     x = torch.randn(2, 3, 4, 4)
     c = torch.ones(3)
     with pytest.raises(RuntimeError, match="x must be NCHW or channels_last"):
-        ext.bn_relu_stats(x[..., ::2])
+        ext.bn_act_stats(x[..., ::2])
     with pytest.raises(RuntimeError, match="mean must be a contiguous"):
-        ext.bn_relu_forward(x, torch.ones(4), c, c, c)
+        ext.bn_act_forward(x, torch.ones(4), c, c, c, 1)
     with pytest.raises(RuntimeError, match="invstd must be Float"):
-        ext.bn_relu_forward(x, c, c.double(), c, c)
+        ext.bn_act_forward(x, c, c.double(), c, c, 1)
     with pytest.raises(RuntimeError, match="grad must be dense"):
-        ext.bn_relu_backward(x.transpose(2, 3), x, c, c, c, c, True)
+        ext.bn_act_backward(x.transpose(2, 3), x, c, c, c, c, True, 1)
+    for bad in (-1, len(ACTIVATIONS)):
+        with pytest.raises(RuntimeError, match="activation must be a code"):
+            ext.bn_act_forward(x, c, c, c, c, bad)
+        with pytest.raises(RuntimeError, match="activation must be a code"):
+            ext.bn_act_backward(x, x, c, c, c, c, True, bad)
+

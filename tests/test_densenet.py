@@ -71,7 +71,7 @@ def test_parameter_counts_and_state_dict_keys(name, count):
 
 
 def test_densenet_bc_100():
-    model = models.densenet_bc_100(num_classes=10, impl="cpp" if fastblocks.backends(False)["bn_relu"]["cpu"]["cpp"]
+    model = models.densenet_bc_100(num_classes=10, impl="cpp" if fastblocks.backends(False)["bn_act"]["cpu"]["cpp"]
                                    is None else "torch")
     assert sum(p.numel() for p in model.parameters()) == 769_162
     blocks = [m for m in model.modules() if isinstance(m, DenseBlock)]
@@ -89,7 +89,7 @@ def test_densenet_bc_100():
 def test_densenet121_matches_torchvision(backend, memory_efficient):
     """Train step (outputs, all gradients, running statistics), then eval; float64 so that a
     mismatch is a bug, not rounding. 64x64 keeps every batch norm over more than two values."""
-    require_backend("bn_relu", backend, "cpu", torch.float64)
+    require_backend("bn_act", backend, "cpu", torch.float64)
     tv, fb = _pair(torchvision.models.densenet121(num_classes=10),
                    models.densenet121(num_classes=10, memory_efficient=memory_efficient, impl=backend))
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
@@ -104,7 +104,7 @@ def test_densenet121_matches_torchvision(backend, memory_efficient):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("memory_efficient", [True, False])
 def test_dense_block_matches_torchvision(backend, layout, memory_efficient):
-    require_backend("bn_relu", backend, "cpu", torch.float64)
+    require_backend("bn_act", backend, "cpu", torch.float64)
     tv, fb = _pair(_DenseBlock(3, 5, bn_size=2, growth_rate=3, drop_rate=0),
                    DenseBlock(3, 5, bn_size=2, growth_rate=3, drop_rate=0, memory_efficient=memory_efficient,
                               impl=backend))
@@ -121,7 +121,7 @@ def test_dense_block_matches_torchvision(backend, layout, memory_efficient):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_dense_block(backend):
     """gradcheck w.r.t. the input and every parameter of a tiny memory-efficient block, train and eval."""
-    require_backend("bn_relu", backend, "cpu", torch.float64)
+    require_backend("bn_act", backend, "cpu", torch.float64)
     block = DenseBlock(2, 3, bn_size=2, growth_rate=2, drop_rate=0, impl=backend).double()
     names = [n for n, _ in block.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())

@@ -1,24 +1,67 @@
-// Fused BatchNorm + ReLU over a (channel slice of a) block buffer, for memory-efficient DenseNet:
-// schemas and C++ CPU kernels. The CUDA kernels are in bn_relu_cuda.cu, the layout in bn_relu.h.
+// Fused BatchNorm + activation over a tensor or a channel slice of a block buffer: schemas and C++
+// CPU kernels. The CUDA kernels are in bn_act_cuda.cu, the layout in bn_act.h. `activation` is a
+// code of csrc/activations.h; the kernels are compiled once per activation.
 //
-//   bn_relu_stats(x)                    per-channel batch mean and biased variance in the accumulation
+//   bn_act_stats(x)                     per-channel batch mean and biased variance in the accumulation
 //                                       dtype; corrected two-pass algorithm, so no cancellation
-//   bn_relu_forward(x, mean, invstd, weight, bias)      y = relu((x - mean) * invstd * weight + bias)
-//   bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats) -> (dx, dweight, dbias)
-//                                       recomputes y's sign from x; with batch_stats, dx includes
+//   bn_act_forward(x, mean, invstd, weight, bias, activation)
+//                                       y = act((x - mean) * invstd * weight + bias)
+//   bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation) -> (dx, dweight, dbias)
+//                                       recomputes act'(u) from x; with batch_stats, dx includes
 //                                       the gradient through the batch mean and variance
 #include <ATen/Parallel.h>
 
 #include <array>
 #include <vector>
 
-#include "bn_relu.h"
+#include "bn_act.h"
 
 namespace fastblocks {
-namespace bn_relu {
+namespace bn_act {
 namespace {
 
 constexpr int64_t kGrain = 32768;  // values per parallel task
+
+// The inner loops, compiled per ISA (FB_CPU_MULTIVERSION) with the per-value work f inlined; `omp simd`
+// lets GCC vectorise them (and the sums use per-lane partials, in a fixed order: deterministic). The
+// forward loops vectorise; in the backward ones GCC keeps the comparisons of relu' / hardswish' as
+// branches, so they stay scalar for now.
+
+// f(r, j) for r < rows, j < cols: rows of a contiguous run each (an NCHW plane's pixels, a pixel's channels).
+template <typename F>
+FB_CPU_MULTIVERSION void for_2d(int64_t rows, int64_t cols, const F& f) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) f(r, j);
+  }
+}
+
+// sum over j < n of f(j)[k], for K = 1 or 2.
+template <typename acc_t, int K, typename F>
+FB_CPU_MULTIVERSION std::array<acc_t, K> row_sums(int64_t n, const F& f) {
+  static_assert(K == 1 || K == 2);
+  acc_t s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+  for (int64_t j = 0; j < n; ++j) {
+    const std::array<acc_t, K> v = f(j);
+    s0 += v[0];
+    if constexpr (K == 2) s1 += v[K - 1];
+  }
+  if constexpr (K == 2) return {s0, s1};
+  else return {s0};
+}
+
+// acc[k * cols + j] += f(r, j)[k] for r < rows, j < cols: per-channel sums over channels_last pixels.
+template <typename acc_t, int K, typename F>
+FB_CPU_MULTIVERSION void add_2d(int64_t rows, int64_t cols, acc_t* __restrict acc, const F& f) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const std::array<acc_t, K> v = f(r, j);
+      for (int k = 0; k < K; ++k) acc[k * cols + j] += v[k];
+    }
+  }
+}
 
 // sums[k][c] = sum over the N * HW values of channel c of f(c, x_index, out_index)[k]. Row by row
 // partial sums keep the float32 rounding error small; the order is fixed, so results are deterministic.
@@ -31,12 +74,8 @@ std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const F& f) {
       for (int64_t c = c0; c < c1; ++c) {
         std::array<acc_t, K> total{};
         for (int64_t n = 0; n < g.N; ++n) {
-          std::array<acc_t, K> row{};
           const int64_t xi = n * g.x_stride + c * g.HW, oi = (n * g.C + c) * g.HW;
-          for (int64_t p = 0; p < g.HW; ++p) {
-            const auto v = f(c, xi + p, oi + p);
-            for (int k = 0; k < K; ++k) row[k] += v[k];
-          }
+          const auto row = row_sums<acc_t, K>(g.HW, [&](int64_t p) { return f(c, xi + p, oi + p); });
           for (int k = 0; k < K; ++k) total[k] += row[k];
         }
         for (int k = 0; k < K; ++k) sums[k][c] = total[k];
@@ -50,12 +89,10 @@ std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const F& f) {
   std::vector<acc_t> partial(chunks * K * g.C, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      acc_t* part = partial.data() + t * K * g.C;
-      for (int64_t r = t * chunk; r < std::min(rows, (t + 1) * chunk); ++r)
-        for (int64_t c = 0; c < g.C; ++c) {
-          const auto v = f(c, r * g.x_stride + c, r * g.C + c);
-          for (int k = 0; k < K; ++k) part[k * g.C + c] += v[k];
-        }
+      const int64_t r0 = t * chunk;
+      add_2d<acc_t, K>(std::min(rows, r0 + chunk) - r0, g.C, partial.data() + t * K * g.C, [&](int64_t r, int64_t c) {
+        return f(c, (r0 + r) * g.x_stride + c, (r0 + r) * g.C + c);
+      });
     }
   });
   for (int64_t t = 0; t < chunks; ++t)
@@ -71,13 +108,12 @@ void for_each_value(const Geometry& g, const F& f) {
     at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.HW, 1)), [&](int64_t b, int64_t e) {
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / g.C, c = nc - n * g.C, xi = n * g.x_stride + c * g.HW;
-        for (int64_t p = 0; p < g.HW; ++p) f(c, xi + p, nc * g.HW + p);
+        for_2d(1, g.HW, [&](int64_t, int64_t p) { f(c, xi + p, nc * g.HW + p); });
       }
     });
   } else {
     at::parallel_for(0, g.count(), std::max<int64_t>(1, kGrain / std::max<int64_t>(g.C, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        for (int64_t c = 0; c < g.C; ++c) f(c, r * g.x_stride + c, r * g.C + c);
+      for_2d(e - b, g.C, [&](int64_t r, int64_t c) { f(c, (b + r) * g.x_stride + c, (b + r) * g.C + c); });
     });
   }
 }
@@ -90,7 +126,7 @@ at::Tensor to_tensor(const std::vector<T>& v, const at::Tensor& like) {
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
   const Geometry g = geometry(x);
   at::Tensor mean, var;
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_stats_cpu", [&] {
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_stats_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const acc_t inv_count = g.count() > 0 ? acc_t(1) / acc_t(g.count()) : acc_t(0);
@@ -114,18 +150,21 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                       const at::Tensor& bias) {
+                       const at::Tensor& bias, int64_t activation) {
   const Geometry g = geometry(x);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   at::Tensor y = empty_out(x, g);
   const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_forward_cpu", [&] {
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
-    for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
-      py[oi] = static_cast<scalar_t>(relu(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+    with_activation(activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
+        py[oi] = static_cast<scalar_t>(activate<ACT>(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+      });
     });
   });
   return y;
@@ -134,32 +173,35 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& mean, const at::Tensor& invstd,
                                                             const at::Tensor& weight, const at::Tensor& bias,
-                                                            bool batch_stats) {
+                                                            bool batch_stats, int64_t activation) {
   const Geometry g = geometry(x);
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   at::Tensor dx = empty_out(x, g);
   const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_cpu", [&] {
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
     const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
                 *mu = mean.const_data_ptr<acc_t>();
-    // dy masked by relu' of the recomputed output
-    auto dym = [&](int64_t c, acc_t xv, int64_t oi) {
-      return xv * sc[c] + sh[c] > acc_t(0) ? static_cast<acc_t>(pdy[oi]) : acc_t(0);
-    };
-    auto sums = channel_sums<acc_t, 2>(g, [&](int64_t c, int64_t xi, int64_t oi) {
-      const acc_t xv = static_cast<acc_t>(px[xi]), d = dym(c, xv, oi);
-      return std::array<acc_t, 2>{d, d * (xv - mu[c])};
-    });
-    terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
-    const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
-    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-    for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
-      const acc_t xv = static_cast<acc_t>(px[xi]);
-      pdx[oi] = static_cast<scalar_t>(sc[c] * (dym(c, xv, oi) - ta[c] - (xv - mu[c]) * tb[c]));
+    with_activation(activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      // g = dy * act'(u), u recomputed from x
+      auto grad_u = [&](int64_t c, acc_t xv, int64_t oi) {
+        return static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
+      };
+      auto sums = channel_sums<acc_t, 2>(g, [&](int64_t c, int64_t xi, int64_t oi) {
+        const acc_t xv = static_cast<acc_t>(px[xi]), d = grad_u(c, xv, oi);
+        return std::array<acc_t, 2>{d, d * (xv - mu[c])};
+      });
+      terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
+      const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
+      scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+      for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
+        const acc_t xv = static_cast<acc_t>(px[xi]);
+        pdx[oi] = static_cast<scalar_t>(sc[c] * (grad_u(c, xv, oi) - ta[c] - (xv - mu[c]) * tb[c]));
+      });
     });
   });
   return {dx, terms.dweight, terms.dbias};
@@ -168,17 +210,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
-  m.def("bn_relu_stats(Tensor x) -> (Tensor, Tensor)");
-  m.def("bn_relu_forward(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias) -> Tensor");
-  m.def("bn_relu_backward(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
-        "bool batch_stats) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_act_forward(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int activation) -> Tensor");
+  m.def("bn_act_backward(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "bool batch_stats, int activation) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
-  m.impl("bn_relu_stats", &stats_cpu);
-  m.impl("bn_relu_forward", &forward_cpu);
-  m.impl("bn_relu_backward", &backward_cpu);
+  m.impl("bn_act_stats", &stats_cpu);
+  m.impl("bn_act_forward", &forward_cpu);
+  m.impl("bn_act_backward", &backward_cpu);
 }
 
-}  // namespace bn_relu
+}  // namespace bn_act
 }  // namespace fastblocks

@@ -1,12 +1,12 @@
-// Fused BatchNorm + ReLU over a channel slice of a DenseNet block buffer: the layout shared by the
-// CPU (bn_relu.cpp) and CUDA (bn_relu_cuda.cu) kernels.
+// Fused BatchNorm + activation over a tensor or a channel slice of a DenseNet block buffer: the layout
+// and algebra shared by the CPU (bn_act.cpp) and CUDA (bn_act_cuda.cu) kernels.
 #pragma once
 
 #include "activations.h"
 #include "fastblocks.h"
 
 namespace fastblocks {
-namespace bn_relu {
+namespace bn_act {
 
 // Where the values of x live. x may be a channel slice buf[:, :C] of a larger buffer, so it is
 // indexed with its own stride: in NCHW each image's [C, H, W] block is contiguous and images are
@@ -34,7 +34,7 @@ struct Geometry {
   }
 };
 
-// The layout of x, or an error naming it. Mirrors _slice_layout in fastblocks/ops/bn_relu.py.
+// The layout of x, or an error naming it. Mirrors _slice_layout in fastblocks/ops/bn_act.py.
 inline Geometry geometry(const at::Tensor& x) {
   check_floating(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
@@ -80,15 +80,23 @@ inline void check_channel_params(const at::Tensor& x, std::initializer_list<std:
   }
 }
 
-// y = relu(x * scale + shift): one formula for the forward and for the mask recomputed in backward.
+// f(std::integral_constant<int, ACT>{}) for an activation code of csrc/activations.h, or an error.
+template <typename F>
+void with_activation(int64_t activation, F&& f) {
+  TORCH_CHECK(dispatch_activation(activation, std::forward<F>(f)),
+              "activation must be a code of csrc/activations.h (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish), got ",
+              activation);
+}
+
+// u = x * scale + shift, y = act(u): one formula for the forward and for u recomputed in backward.
 inline std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
                                                      const at::Tensor& weight, const at::Tensor& bias) {
   at::Tensor scale = weight * invstd;
   return {scale, bias - mean * scale};
 }
 
-// Backward from the per-channel sums of dym = grad * relu'(y) and dym * (x - mean):
-// dbias = sum dym, dweight = invstd * sum dym (x - mean), and dx = scale * (dym - a - (x - mean) * b) where
+// Backward from the per-channel sums of g = grad * act'(u) and g * (x - mean):
+// dbias = sum g, dweight = invstd * sum g (x - mean), and dx = scale * (g - a - (x - mean) * b) where
 // a, b are the batch-statistics terms (zero when the statistics were constants, i.e. eval mode).
 struct BackwardTerms {
   at::Tensor dweight, dbias, a, b;
@@ -101,5 +109,5 @@ inline BackwardTerms backward_terms(const at::Tensor& sum_dy, const at::Tensor& 
   return {dweight, sum_dy, sum_dy / count, dweight * invstd / count};
 }
 
-}  // namespace bn_relu
+}  // namespace bn_act
 }  // namespace fastblocks

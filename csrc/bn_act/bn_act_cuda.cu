@@ -1,13 +1,13 @@
-// Fused BatchNorm + ReLU over a (channel slice of a) block buffer: CUDA kernels. Same contract as
-// the CPU kernels in bn_relu.cpp; the layout (Geometry) is in bn_relu.h.
+// Fused BatchNorm + activation over a tensor or a channel slice of a block buffer: CUDA kernels. Same
+// contract as the CPU kernels in bn_act.cpp; the layout (Geometry) is in bn_act.h.
 //
 // Per-channel sums run in two steps with a fixed order (deterministic, no atomics): a kernel writes
 // one partial sum per (channel, split) and a small aten sum over the splits finishes them.
-#include "bn_relu.h"
+#include "bn_act.h"
 #include "cuda_utils.cuh"
 
 namespace fastblocks {
-namespace bn_relu {
+namespace bn_act {
 namespace {
 
 using cuda::kThreads;
@@ -76,7 +76,7 @@ at::Tensor channel_sums(const Geometry& g, const at::Tensor& x, F f) {
   int64_t splits;
   at::Tensor partial;
   if (!g.channels_last) {
-    TORCH_CHECK(g.C <= std::numeric_limits<int32_t>::max(), "bn_relu: too many channels");
+    TORCH_CHECK(g.C <= std::numeric_limits<int32_t>::max(), "bn_act: too many channels");
     splits = std::clamp<int64_t>((wanted + g.C - 1) / g.C, 1, std::min<int64_t>(g.N, 65535));
     partial = at::empty({K, g.C, splits}, opts);
     sums_nchw_kernel<acc_t, K><<<dim3(g.C, splits), kThreads, 0, stream>>>(g, f, partial.mutable_data_ptr<acc_t>());
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   const Geometry g = geometry(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor mean, var;
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_stats_cuda", [&] {
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const int64_t count = std::max<int64_t>(g.count(), 1);
@@ -132,29 +132,63 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   return {mean, var};
 }
 
+// y = act(x * scale + shift) for one activation; a named function template because nvcc allows no
+// extended (__device__) lambda inside the generic lambda that dispatches the activation.
+template <int ACT, typename scalar_t>
+void forward_act(const Geometry& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                 at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* py = y.mutable_data_ptr<scalar_t>();
+  const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
+  for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
+    py[oi] = static_cast<scalar_t>(activate<ACT>(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+  });
+}
+
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                        const at::Tensor& bias) {
+                        const at::Tensor& bias, int64_t activation) {
   const Geometry g = geometry(x);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_out(x, g);
   const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
-    for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
-      py[oi] = static_cast<scalar_t>(relu(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
-    });
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cuda", [&] {
+    with_activation(activation, [&](auto act) { forward_act<decltype(act)::value, scalar_t>(g, x, scale, shift, y); });
   });
   return y;
+}
+
+// dx, dweight, dbias for one activation, with g = dy * act'(u) and u recomputed from x.
+template <int ACT, typename scalar_t>
+BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift, bool batch_stats,
+                           at::Tensor& dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
+  const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
+              *mu = mean.const_data_ptr<acc_t>();
+  at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t oi, acc_t* acc) {
+    const acc_t xv = static_cast<acc_t>(px[xi]);
+    const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
+    acc[0] += d;
+    acc[1] += d * (xv - mu[c]);
+  });
+  BackwardTerms terms = backward_terms(sums[0], sums[1], invstd, g.count(), batch_stats);
+  const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
+  scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+  for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
+    const acc_t xv = static_cast<acc_t>(px[xi]);
+    const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
+    pdx[oi] = static_cast<scalar_t>(sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]));
+  });
+  return terms;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                              const at::Tensor& mean, const at::Tensor& invstd,
                                                              const at::Tensor& weight, const at::Tensor& bias,
-                                                             bool batch_stats) {
+                                                             bool batch_stats, int64_t activation) {
   const Geometry g = geometry(x);
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
@@ -162,24 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   at::Tensor dx = empty_out(x, g);
   const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
-                *mu = mean.const_data_ptr<acc_t>();
-    at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t oi, acc_t* acc) {
-      const acc_t xv = static_cast<acc_t>(px[xi]);
-      const acc_t d = xv * sc[c] + sh[c] > acc_t(0) ? static_cast<acc_t>(pdy[oi]) : acc_t(0);  // dy * relu'(y)
-      acc[0] += d;
-      acc[1] += d * (xv - mu[c]);
-    });
-    terms = backward_terms(sums[0], sums[1], invstd, g.count(), batch_stats);
-    const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
-    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-    for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
-      const acc_t xv = static_cast<acc_t>(px[xi]);
-      const acc_t d = xv * sc[c] + sh[c] > acc_t(0) ? static_cast<acc_t>(pdy[oi]) : acc_t(0);
-      pdx[oi] = static_cast<scalar_t>(sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]));
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cuda", [&] {
+    with_activation(activation, [&](auto act) {
+      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, scale, shift, batch_stats, dx);
     });
   });
   return {dx, terms.dweight, terms.dbias};
@@ -188,10 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m) {
-  m.impl("bn_relu_stats", &stats_cuda);
-  m.impl("bn_relu_forward", &forward_cuda);
-  m.impl("bn_relu_backward", &backward_cuda);
+  m.impl("bn_act_stats", &stats_cuda);
+  m.impl("bn_act_forward", &forward_cuda);
+  m.impl("bn_act_backward", &backward_cuda);
 }
 
-}  // namespace bn_relu
+}  // namespace bn_act
 }  // namespace fastblocks

@@ -46,7 +46,7 @@ class MobileNetV2(nn.Module):
 
         input_channel = make_divisible(32 * width_mult, round_nearest)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult), round_nearest)
-        conv = partial(ConvNormAct, norm_layer=norm_layer, activation=nn.ReLU6)
+        conv = partial(ConvNormAct, norm_layer=norm_layer, activation=nn.ReLU6, impl=impl)
         features: list[nn.Module] = [conv(3, input_channel, 3, stride=2)]
         for t, c, n, s in inverted_residual_setting:
             output_channel = make_divisible(c * width_mult, round_nearest)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastblocks.ops.bn_act import bn_act
+
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """True when ``bn`` normalises with the statistics of the current batch (as F.batch_norm decides)."""
@@ -31,6 +33,16 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
         unbiased = var * (count / max(count - 1, 1))
         bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
         bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+
+
+def batch_norm_act(bn: nn.BatchNorm2d, x: Tensor, activation: str, impl: str | None) -> Tensor:
+    """``act(bn(x))`` as one fused :func:`fastblocks.ops.bn_act`, with ``bn``'s statistics and
+    running-statistics updates exactly as ``nn.BatchNorm2d``. ``activation``: a name of bn_act's ACTIVATIONS."""
+    batch = uses_batch_stats(bn)
+    y, mean, var = bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch, bn.eps, activation, impl)
+    if batch:
+        update_running_stats(bn, mean, var, x.numel() // max(x.shape[1], 1))
+    return y
 
 
 def check_batch_size(bn: nn.BatchNorm2d, count: int, size) -> None:

@@ -4,8 +4,9 @@ Each takes torchvision's constructor arguments and has torchvision's ``state_dic
 ``block.load_state_dict(torchvision_block.state_dict())`` works and gives the same outputs. Inside,
 the depthwise conv + BatchNorm + activation is one fused :class:`DWConvBNAct`, the squeeze-excite a
 fused :class:`SqueezeExcite`, hard-swish a fastblocks :class:`HardSwish`; 1x1 and full convolutions
-stay cuDNN / oneDNN convolutions. torchvision itself is not needed at run time: :class:`ConvNormAct`
-reproduces its ``Conv2dNormActivation`` layout (keys ``0.weight``, ``1.weight``, ...).
+stay cuDNN / oneDNN convolutions, followed by a fused BatchNorm + activation where there is one.
+torchvision itself is not needed at run time: :class:`ConvNormAct` reproduces its
+``Conv2dNormActivation`` layout (keys ``0.weight``, ``1.weight``, ...).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
+from fastblocks.nn._batchnorm import batch_norm_act
 from fastblocks.nn.activations import HardSigmoid, HardSwish
 from fastblocks.nn.dwconv import DWConvBNAct
 from fastblocks.nn.squeeze_excite import SqueezeExcite
 
-# Activations the fused depthwise kernel implements (class -> DWConvBNAct's name for it).
+# Activations the fused kernels implement (class -> their name in DWConvBNAct and fastblocks.ops.bn_act).
 _FUSED_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
                       HardSwish: "hardswish"}
 
@@ -60,7 +62,15 @@ def stochastic_depth(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class ConvNormAct(nn.Sequential):
-    """conv -> norm -> activation with torchvision ``Conv2dNormActivation``'s children (and keys)."""
+    """conv -> norm -> activation with torchvision ``Conv2dNormActivation``'s children (and keys).
+
+    When the norm is a plain ``nn.BatchNorm2d`` and the activation SiLU, ReLU, ReLU6 or hard-swish, BN
+    and the activation run as one fused :func:`fastblocks.ops.bn_act` on the conv output: one pass
+    over it instead of two, and backward keeps only the conv output, not also the BN output. BatchNorm
+    semantics (batch statistics and running-statistics updates in training, running statistics in
+    eval) are those of ``nn.BatchNorm2d``. Other norms and activations, or no activation (nothing to
+    fuse), run the children one after the other.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  groups: int = 1, dilation: int = 1, norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
@@ -72,6 +82,63 @@ class ConvNormAct(nn.Sequential):
             layers.append(activation_module(activation, impl))
         super().__init__(*layers)
         self.out_channels = out_channels
+        self.impl = impl
+
+    def fused_activation(self) -> str | None:
+        """bn_act's name of the activation when BN + activation run fused, else None. Read from the
+        children at every call, so a replaced child is honoured."""
+        if len(self) != 3 or type(self[1]) is not nn.BatchNorm2d:
+            return None
+        return _FUSED_ACTIVATIONS.get(type(self[2]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        activation = self.fused_activation()
+        if activation is None:
+            return super().forward(x)
+        return batch_norm_act(self[1], self[0](x), activation, self.impl)
+
+    @classmethod
+    def from_module(cls, m: nn.Sequential, impl: str = "auto") -> ConvNormAct:
+        """A ConvNormAct holding the very children (so the same tensors and keys) of torchvision's
+        ``Conv2dNormActivation`` or any ``Sequential(conv, norm[, activation])``."""
+        if not isinstance(m, nn.Sequential) or len(m) not in (2, 3) or not isinstance(m[0], nn.Conv2d):
+            raise ValueError(f"ConvNormAct.from_module needs Sequential(conv, norm[, activation]), got {m}")
+        new = cls.__new__(cls)
+        nn.Sequential.__init__(new, *m)
+        new.out_channels, new.impl = m[0].out_channels, impl
+        return new.train(m.training)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` (an ``nn.BatchNorm2d`` with ``drop`` and ``act`` children: the same keys)
+    computed by the fused :func:`fastblocks.ops.bn_act`. ``activation``: a class or an instance of
+    nn.SiLU, nn.ReLU, nn.ReLU6 or a hard-swish; ``drop`` is always the identity."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: nn.Module | type[nn.Module] = nn.ReLU,
+                 impl: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        act = activation() if isinstance(activation, type) else activation
+        if type(act) not in _FUSED_ACTIVATIONS:
+            raise ValueError(f"BatchNormAct2d fuses nn.SiLU, nn.ReLU, nn.ReLU6 or a hard-swish, got {activation!r}")
+        self.drop, self.act, self.activation = nn.Identity(), act, _FUSED_ACTIVATIONS[type(act)]
+        self.impl = impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        return batch_norm_act(self, x, self.activation, self.impl)
+
+    @classmethod
+    def from_module(cls, m: nn.BatchNorm2d, impl: str = "auto") -> BatchNormAct2d:
+        """The same tensors as timm's BatchNormAct2d ``m``; ValueError unless its act is fusable and it has no drop."""
+        if not isinstance(getattr(m, "drop", None), nn.Identity):
+            raise ValueError(f"BatchNormAct2d cannot fuse a {type(getattr(m, 'drop', None)).__name__} drop layer")
+        with torch.device("meta"):
+            new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, getattr(m, "act", None),
+                      impl)
+        return adopt(new, m)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}, impl={self.impl!r}"
 
 
 def depthwise_conv_norm_act(channels: int, kernel_size: int, stride: int, norm_layer: Callable[..., nn.Module],
@@ -290,7 +357,7 @@ class InvertedResidual(_Residual):
         hidden = int(round(inp * expand_ratio))
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(ConvNormAct(inp, hidden, 1, norm_layer=norm_layer, activation=nn.ReLU6))
+            layers.append(ConvNormAct(inp, hidden, 1, norm_layer=norm_layer, activation=nn.ReLU6, impl=impl))
         layers += [depthwise_conv_norm_act(hidden, 3, stride, norm_layer, nn.ReLU6, impl),
                    nn.Conv2d(hidden, oup, 1, bias=False),
                    norm_layer(oup)]

@@ -5,7 +5,7 @@ Memory-efficient path (``memory_efficient=True``, the default):
 - A dense block allocates one feature buffer [N, C_in + L * k, H, W] and copies its input into the
   first C_in channels; layer l writes its k new channels into its slice, so its concatenated input
   ``buf[:, :c_l]`` is a view: no ``torch.cat``.
-- BN1 + ReLU of that view is one fused kernel (``fastblocks.ops.bn_relu``) whose output is a scratch
+- BN1 + ReLU of that view is one fused kernel (``fastblocks.ops.bn_act`` with ReLU) whose output is a scratch
   tensor freed right after the 1x1 conv; BN2 + ReLU before the 3x3 conv likewise. Neither is saved:
   backward recomputes them from the buffer / the bottleneck and the saved per-channel statistics.
 - The batch statistics of a channel never change once it is written, so the block computes them
@@ -31,24 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastblocks._backend import resolve
-from fastblocks.nn._batchnorm import check_batch_size, update_running_stats, uses_batch_stats
-from fastblocks.ops.bn_relu import batch_stats, bn_relu, bn_relu_backward, bn_relu_forward, stat_dtype
+from fastblocks.nn._batchnorm import batch_norm_act, check_batch_size, update_running_stats, uses_batch_stats
+from fastblocks.ops.bn_act import batch_stats, bn_act_backward, bn_act_forward, stat_dtype
 
 _aten = torch.ops.aten
 
 
 def _count(x: Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
-
-
-def bn_relu_module(bn: nn.BatchNorm2d, x: Tensor, impl: str | None) -> Tensor:
-    """``relu(bn(x))`` through ordinary autograd, updating bn's running statistics like nn.BatchNorm2d."""
-    check_batch_size(bn, _count(x), x.shape)
-    batch = uses_batch_stats(bn)
-    y, mean, var = bn_relu(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch, bn.eps, impl)
-    if batch:
-        update_running_stats(bn, mean, var, _count(x))
-    return y
 
 
 def _affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,17 +68,17 @@ class _BNReLUThen(torch.autograd.Function):
         ctx.fn, ctx.impl, ctx.batch = fn, impl, batch
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, mean, invstd, weight, bias, *fn_params)
-        return fn(bn_relu_forward(x, mean, invstd, weight, bias, impl), *fn_params)
+        return fn(bn_act_forward(x, mean, invstd, weight, bias, "relu", impl), *fn_params)
 
     @staticmethod
     def backward(ctx, grad):
         x, mean, invstd, weight, bias, *fn_params = ctx.saved_tensors
-        z = bn_relu_forward(x, mean, invstd, weight, bias, ctx.impl).requires_grad_()
+        z = bn_act_forward(x, mean, invstd, weight, bias, "relu", ctx.impl).requires_grad_()
         params = [p.detach().requires_grad_() for p in fn_params]
         with torch.enable_grad(), torch.autocast(x.device.type, **ctx.autocast):  # recompute as in forward
             out = ctx.fn(z, *params)
         dz, *dparams = torch.autograd.grad(out, [z, *params], grad)
-        dx, dweight, dbias = bn_relu_backward(dz, x, mean, invstd, weight, bias, ctx.batch, ctx.impl)
+        dx, dweight, dbias = bn_act_backward(dz, x, mean, invstd, weight, bias, ctx.batch, "relu", ctx.impl)
         return None, None, None, dx, None, None, dweight, dbias, *dparams
 
 
@@ -100,9 +90,9 @@ def bn_relu_then(bn: nn.BatchNorm2d, x: Tensor, fn: Callable[..., Tensor], fn_pa
                  impl: str | None, recompute: bool) -> Tensor:
     """``fn(relu(bn(x)), *fn_params)``; with ``recompute`` the BN + ReLU output is not kept for backward."""
     if not recompute:
-        return fn(bn_relu_module(bn, x, impl), *fn_params)
+        return fn(batch_norm_act(bn, x, "relu", impl), *fn_params)
     check_batch_size(bn, _count(x), x.shape)
-    impl = resolve("bn_relu", impl, x)
+    impl = resolve("bn_act", impl, x)
     mean, var, invstd = _statistics(bn, x.detach(), impl)
     if uses_batch_stats(bn):
         update_running_stats(bn, mean, var, _count(x))
@@ -163,15 +153,16 @@ class _DenseBlockFunction(torch.autograd.Function):
             if keep is not None:  # dropout: the kept values were scaled by 1 / (1 - p), as F.dropout
                 g = g * keep.to(g.dtype).div_(1 - layer.drop_rate)
             aff2 = _affine(w_n2, b_n2, mean2)
-            dz2, dw_c2 = _conv_backward(g, bn_relu_forward(bottleneck, mean2, invstd2, *aff2, impl), w_c2, 1)
-            dbottleneck, dw_n2, db_n2 = bn_relu_backward(dz2, bottleneck, mean2, invstd2, *aff2,
-                                                         uses_batch_stats(layer.norm2), impl)
+            dz2, dw_c2 = _conv_backward(g, bn_act_forward(bottleneck, mean2, invstd2, *aff2, "relu", impl), w_c2, 1)
+            dbottleneck, dw_n2, db_n2 = bn_act_backward(dz2, bottleneck, mean2, invstd2, *aff2,
+                                                        uses_batch_stats(layer.norm2), "relu", impl)
             del dz2
             x_i = buf[:, :c]
             aff1 = _affine(w_n1, b_n1, mean1)
-            dz1, dw_c1 = _conv_backward(dbottleneck, bn_relu_forward(x_i, mean1, invstd1, *aff1, impl), w_c1, 0)
+            dz1, dw_c1 = _conv_backward(dbottleneck, bn_act_forward(x_i, mean1, invstd1, *aff1, "relu", impl), w_c1, 0)
             del dbottleneck
-            dx, dw_n1, db_n1 = bn_relu_backward(dz1, x_i, mean1, invstd1, *aff1, uses_batch_stats(layer.norm1), impl)
+            dx, dw_n1, db_n1 = bn_act_backward(dz1, x_i, mean1, invstd1, *aff1, uses_batch_stats(layer.norm1),
+                                               "relu", impl)
             del dz1
             grad_buf[:, :c] += dx
             for j, (p, dp) in enumerate(zip((w_n1, b_n1, w_c1, w_n2, b_n2, w_c2),
@@ -208,12 +199,13 @@ def _block_forward(layers: Sequence[DenseLayer], impl: str, x: Tensor, params: S
         w_n1, b_n1, w_c1, w_n2, b_n2, w_c2 = params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * (i + 1)]
         x_i = buf[:, :c]
         mean1, _, invstd1 = _statistics(layer.norm1, x_i, impl, (mean1_all[:c], var1_all[:c]) if cache_stats else None)
-        bottleneck = F.conv2d(bn_relu_forward(x_i, mean1, invstd1, *_affine(w_n1, b_n1, mean1), impl), w_c1)
+        bottleneck = F.conv2d(bn_act_forward(x_i, mean1, invstd1, *_affine(w_n1, b_n1, mean1), "relu", impl), w_c1)
         mean2, var2, invstd2 = _statistics(layer.norm2, bottleneck, impl)
         if uses_batch_stats(layer.norm2):
             mean2_all.append(mean2)
             var2_all.append(var2)
-        new = F.conv2d(bn_relu_forward(bottleneck, mean2, invstd2, *_affine(w_n2, b_n2, mean2), impl), w_c2, padding=1)
+        new = F.conv2d(bn_act_forward(bottleneck, mean2, invstd2, *_affine(w_n2, b_n2, mean2), "relu", impl), w_c2,
+                       padding=1)
         keep = None
         if layer.drop_rate > 0 and layer.training:  # F.dropout's arithmetic and random stream
             noise = torch.empty_like(new).bernoulli_(1 - layer.drop_rate)
@@ -233,7 +225,7 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayer], impl: str | None = "aut
     """The memory-efficient block: ``torch.cat([x, new_1, ..., new_L], 1)`` as one buffer."""
     for layer in layers:
         check_batch_size(layer.norm1, _count(x), x.shape)
-    impl = resolve("bn_relu", impl, x)
+    impl = resolve("bn_act", impl, x)
     params = [p for layer in layers for p in _layer_params(layer)]
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         out, *stats = _DenseBlockFunction.apply(layers, impl, x, *params)
@@ -281,8 +273,8 @@ class DenseLayer(nn.Module):
         return self.plain_forward(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
-        bottleneck = self.conv1(bn_relu_module(self.norm1, x, self.impl))
-        new = self.conv2(bn_relu_module(self.norm2, bottleneck, self.impl))
+        bottleneck = self.conv1(batch_norm_act(self.norm1, x, "relu", self.impl))
+        new = self.conv2(batch_norm_act(self.norm2, bottleneck, "relu", self.impl))
         if self.drop_rate > 0:
             new = F.dropout(new, p=self.drop_rate, training=self.training)
         return new

@@ -1,5 +1,5 @@
 """Functional ops. Each takes ``impl=`` ("auto", "torch", "triton", "cpp", "cuda"). One import line per op file."""
-from fastblocks.ops.bn_relu import bn_relu  # noqa: F401
+from fastblocks.ops.bn_act import bn_act  # noqa: F401
 from fastblocks.ops.dwconv_bn_act import dwconv_bn_act  # noqa: F401
 from fastblocks.ops.hardswish import hardsigmoid, hardsigmoid_gate, hardswish  # noqa: F401
 from fastblocks.ops.shift import shift  # noqa: F401

@@ -57,6 +57,37 @@ def tile_offsets(n, ps, cs, C, HW, CHANNELS_LAST: tl.constexpr):
         return (n * C + cs[None, :]) * HW + ps[:, None]
 
 
+@triton.jit
+def activate(u, ACT: tl.constexpr):
+    """The activation of code ACT (index in fastblocks.ops.dwconv_bn_act.ACTIVATIONS, csrc/activations.h)."""
+    if ACT == 1:
+        u = tl.maximum(u, 0.0)
+    elif ACT == 2:
+        u = tl.minimum(tl.maximum(u, 0.0), 6.0)
+    elif ACT == 3:
+        u = u / (1.0 + tl.exp(-u))
+    elif ACT == 4:
+        u = u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
+    return u
+
+
+@triton.jit
+def activate_grad(u, ACT: tl.constexpr):
+    """Derivatives at the kinks as PyTorch: relu' = 0 at 0, relu6' = 1 only inside (0, 6)."""
+    if ACT == 1:
+        d = tl.where(u > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where((u > 0.0) & (u < 6.0), 1.0, 0.0)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        d = s * (1.0 + u * (1.0 - s))
+    elif ACT == 4:
+        d = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
+    else:
+        d = tl.full(u.shape, 1.0, u.dtype)
+    return d
+
+
 def grid1d(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
 

@@ -1,19 +1,26 @@
-"""Fused BatchNorm + ReLU, ``relu((x - mean) * invstd * weight + bias)``, over a channel slice of a buffer.
+"""Fused BatchNorm + activation, ``act((x - mean) * invstd * weight + bias)``, over a (channel slice of a) tensor.
 
-Built for memory-efficient DenseNet (Pleiss et al. 2017): a dense block keeps one feature buffer
-``buf`` of [N, C_total, H, W] and every layer normalises the view ``buf[:, :c]``. The kernels read
-that view in place: in NCHW each image's [c, H, W] block is contiguous (the images are C_total * H * W
-apart), in channels_last each pixel's c channels are contiguous (the pixels are C_total apart), so
-each layout has one free stride. Outputs are dense in the layout of the input.
+``act`` is one of ``ACTIVATIONS`` (none, relu, relu6, silu, hardswish; the codes of csrc/activations.h).
+Two users:
+- conv -> BN -> act of MobileNet / EfficientNet (:class:`fastblocks.nn.blocks.ConvNormAct`): one pass
+  over the conv output instead of two, and backward keeps only the conv output (not the BN output too).
+- memory-efficient DenseNet (Pleiss et al. 2017, ReLU): a dense block keeps one feature buffer ``buf``
+  of [N, C_total, H, W] and every layer normalises the view ``buf[:, :c]``.
+The kernels read x in place, also when it is such a channel slice: in NCHW each image's [c, H, W]
+block is contiguous (the images are C_total * H * W apart), in channels_last each pixel's c channels
+are contiguous (the pixels are C_total apart), so each layout has one free stride. Outputs are dense
+in the layout of the input.
 
 Three registered ops:
-    fastblocks::bn_relu_stats(x)                    -> per-channel batch mean, biased variance
-    fastblocks::bn_relu(x, mean, invstd, weight, bias, batch_stats)            -> y
-    fastblocks::bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats) -> dx, dweight, dbias
+    fastblocks::bn_act_stats(x)                                          -> per-channel mean, biased var
+    fastblocks::bn_act(x, mean, invstd, weight, bias, batch_stats, activation)           -> y
+    fastblocks::bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation)
+                                                                         -> dx, dweight, dbias
 The statistics are separate from the normalisation so that a dense block computes the statistics of
 each channel once (its values never change after it is written) and every later layer reuses them.
-Backward saves x (a view, no copy) and the per-channel mean / invstd and recomputes the rest; with
-``batch_stats`` the gradient flows through the batch mean and variance as in ``nn.BatchNorm2d``.
+Backward saves x (a view, no copy) and the per-channel mean / invstd and recomputes the rest
+(u = x * scale + shift and act'(u), with the forward's formula); with ``batch_stats`` the gradient
+flows through the batch mean and variance as in ``nn.BatchNorm2d``.
 Statistics, weights and gradients of weights are float32 (float64 for float64 inputs); variances
 are computed in two passes (the corrected two-pass algorithm: a first mean, then the sums of d and
 d^2 with d = x - mean, which also remove the first mean's rounding error), so there is no cancellation.
@@ -25,10 +32,11 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, like
-from fastblocks.ops._triton import acc_type, tl, triton
+from fastblocks.ops._common import check_tensor, direct_call_ok, like
+from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
+from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _torch_act, _torch_act_backward
 
-register_op("bn_relu", "bn_relu_forward")
+register_op("bn_act", "bn_act_forward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,7 +45,7 @@ register_op("bn_relu", "bn_relu_forward")
 
 def _slice_layout(x: Tensor) -> bool | None:
     """False for NCHW (each image contiguous), True for channels_last (each pixel's channels
-    contiguous, uniform pixel stride), None otherwise. Mirrors geometry() in csrc/bn_relu/bn_relu.h."""
+    contiguous, uniform pixel stride), None otherwise. Mirrors geometry() in csrc/bn_act/bn_act.h."""
     N, C, H, W = x.shape
     if x.numel() == 0 or x[0].is_contiguous():
         return False
@@ -77,7 +85,7 @@ def stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """y = relu(x * scale + shift); the same formula in forward and in the recomputed mask."""
+    """u = x * scale + shift, y = act(u); the same formula in forward and in backward's recomputed u."""
     scale = weight * invstd
     return scale, bias - mean * scale
 
@@ -95,16 +103,16 @@ def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _forward_torch(x, mean, invstd, weight, bias, channels_last):
+def _forward_torch(x, mean, invstd, weight, bias, activation, channels_last):
     scale, shift = _scale_shift(mean, invstd, weight, bias)
-    y = torch.relu(x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
+    y = _torch_act(x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift), activation).to(x.dtype)
     return y.contiguous(memory_format=_format(channels_last))
 
 
-def _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, channels_last):
+def _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last):
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     xf = x.to(scale.dtype)
-    dym = torch.where(xf * _per_channel(scale) + _per_channel(shift) > 0, grad.to(scale.dtype), 0)
+    dym = _torch_act_backward(grad.to(scale.dtype), xf * _per_channel(scale) + _per_channel(shift), activation)
     xmu = xf - _per_channel(mean)
     dbias = dym.sum((0, 2, 3))
     dweight = (dym * xmu).sum((0, 2, 3)) * invstd
@@ -157,8 +165,8 @@ def _stats_kernel(X, MEAN, VAR, C, HW, count, x_stride, CHANNELS_LAST: tl.conste
 
 
 @triton.jit
-def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -167,15 +175,15 @@ def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, CHANNELS_LAST: t
     scale = tl.load(SCALE + c, mask=cmask, other=0.0)
     shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
     x = tl.load(X + xi, mask=mask, other=0.0)
-    y = tl.maximum(x.to(ACC) * scale[None, :] + shift[None, :], 0.0)
+    y = activate(x.to(ACC) * scale[None, :] + shift[None, :], ACT)
     tl.store(Y + oi, y.to(x.dtype), mask=mask)
 
 
 @triton.jit
 def _backward_kernel(DY, X, MEAN, INVSTD, SCALE, SHIFT, DX, DWEIGHT, DBIAS, C, HW, count, x_stride,
-                     BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                     ACT: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Both passes for a tile of channels: the sums of dy * relu' and dy * relu' * (x - mean), then dx."""
+    """Both passes for a tile of channels: the sums of g = dy * act'(u) and g * (x - mean), then dx."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
@@ -190,7 +198,7 @@ def _backward_kernel(DY, X, MEAN, INVSTD, SCALE, SHIFT, DX, DWEIGHT, DBIAS, C, H
         xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
         x = tl.load(X + xi, mask=mask, other=0.0).to(ACC)
         dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
-        dym = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0.0)
+        dym = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
         sum_dy += tl.sum(dym, axis=0)
         sum_dy_xmu += tl.sum(dym * (x - mean[None, :]), axis=0)
     dweight = sum_dy_xmu * invstd
@@ -209,7 +217,7 @@ def _backward_kernel(DY, X, MEAN, INVSTD, SCALE, SHIFT, DX, DWEIGHT, DBIAS, C, H
         xr = tl.load(X + xi, mask=mask, other=0.0)
         x = xr.to(ACC)
         dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
-        dym = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0.0)
+        dym = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
         dx = scale[None, :] * (dym - a[None, :] - (x - mean[None, :]) * b[None, :])
         tl.store(DX + oi, dx.to(xr.dtype), mask=mask)
 
@@ -237,19 +245,19 @@ def _stats_triton(x, channels_last):
     return mean, var
 
 
-def _forward_triton(x, mean, invstd, weight, bias, channels_last):
+def _forward_triton(x, mean, invstd, weight, bias, activation, channels_last):
     C, HW, count, xs = _geometry(x, channels_last)
     y = _empty_out(x, channels_last)
     if y.numel():
         scale, shift = _scale_shift(mean, invstd, weight, bias)
         bj, bc = _tiles(C, channels_last)
         _forward_kernel[(triton.cdiv(count, bj), triton.cdiv(C, bc))](
-            x, scale, shift, y, C, HW, count, xs, CHANNELS_LAST=channels_last, ACC=acc_type(x), BLOCK_J=bj,
-            BLOCK_C=bc)
+            x, scale, shift, y, C, HW, count, xs, ACT=ACTIVATIONS.index(activation), CHANNELS_LAST=channels_last,
+            ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
     return y
 
 
-def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, channels_last):
+def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last):
     C, HW, count, xs = _geometry(x, channels_last)
     dx = _empty_out(x, channels_last)
     dweight, dbias = torch.zeros_like(mean), torch.zeros_like(mean)
@@ -257,14 +265,16 @@ def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, channels_
         scale, shift = _scale_shift(mean, invstd, weight, bias)
         bj, bc = _tiles(C, channels_last)
         _backward_kernel[(triton.cdiv(C, bc),)](grad, x, mean, invstd, scale, shift, dx, dweight, dbias, C, HW,
-                                               count, xs, BATCH_STATS=batch_stats, CHANNELS_LAST=channels_last,
+                                               count, xs, ACT=ACTIVATIONS.index(activation),
+                                               BATCH_STATS=batch_stats, CHANNELS_LAST=channels_last,
                                                ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
     return dx, dweight, dbias
 
 
 # ---------------------------------------------------------------------------------------------
 # Backend dispatch on a resolved backend name. DenseNet's block calls these directly (no autograd,
-# no custom-op overhead); the registered ops below call them too.
+# no custom-op overhead); the registered ops below call them too. ``activation`` is a name of
+# ACTIVATIONS, already checked.
 # ---------------------------------------------------------------------------------------------
 
 def batch_stats(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
@@ -274,35 +284,36 @@ def batch_stats(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
         return _stats_torch(x)
     if impl == "triton":
         return _stats_triton(x, channels_last)
-    return _ext.op("bn_relu_stats")(x)
+    return _ext.op("bn_act_stats")(x)
 
 
-def bn_relu_forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, impl: str) -> Tensor:
+def bn_act_forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, activation: str,
+                   impl: str) -> Tensor:
     x, channels_last = _normalise(x)
     if impl == "torch":
-        return _forward_torch(x, mean, invstd, weight, bias, channels_last)
+        return _forward_torch(x, mean, invstd, weight, bias, activation, channels_last)
     if impl == "triton":
-        return _forward_triton(x, mean, invstd, weight, bias, channels_last)
-    return _ext.op("bn_relu_forward")(x, mean, invstd, weight, bias)
+        return _forward_triton(x, mean, invstd, weight, bias, activation, channels_last)
+    return _ext.op("bn_act_forward")(x, mean, invstd, weight, bias, ACTIVATIONS.index(activation))
 
 
-def bn_relu_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
-                     batch_stats: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+def bn_act_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                    batch_stats: bool, activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dx is dense in x's layout (channels_last or NCHW)."""
     x, channels_last = _normalise(x)
     grad = grad.contiguous(memory_format=_format(channels_last))
     if impl == "torch":
-        return _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, channels_last)
+        return _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last)
     if impl == "triton":
-        return _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, channels_last)
-    return _ext.op("bn_relu_backward")(grad, x, mean, invstd, weight, bias, batch_stats)
+        return _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last)
+    return _ext.op("bn_act_backward")(grad, x, mean, invstd, weight, bias, batch_stats, ACTIVATIONS.index(activation))
 
 
 # ---------------------------------------------------------------------------------------------
 # Registered ops: torch.ops.fastblocks.* with fake kernels and autograd.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastblocks::bn_relu_stats", mutates_args=())
+@torch.library.custom_op("fastblocks::bn_act_stats", mutates_args=())
 def _stats_op(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     return batch_stats(x, impl)
 
@@ -313,42 +324,42 @@ def _(x, impl):
     return mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("fastblocks::bn_relu", mutates_args=())
-def _bn_relu_op(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool,
-                impl: str) -> Tensor:
-    return bn_relu_forward(x, mean, invstd, weight, bias, impl)
+@torch.library.custom_op("fastblocks::bn_act", mutates_args=())
+def _bn_act_op(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool,
+               activation: str, impl: str) -> Tensor:
+    return bn_act_forward(x, mean, invstd, weight, bias, activation, impl)
 
 
-@_bn_relu_op.register_fake
-def _(x, mean, invstd, weight, bias, batch_stats, impl):
+@_bn_act_op.register_fake
+def _(x, mean, invstd, weight, bias, batch_stats, activation, impl):
     return _empty_out(*_normalise(x))
 
 
-@torch.library.custom_op("fastblocks::bn_relu_backward", mutates_args=())
-def _bn_relu_backward_op(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
-                         batch_stats: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    return bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats, impl)
+@torch.library.custom_op("fastblocks::bn_act_backward", mutates_args=())
+def _bn_act_backward_op(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                        batch_stats: bool, activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    return bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation, impl)
 
 
-@_bn_relu_backward_op.register_fake
-def _(grad, x, mean, invstd, weight, bias, batch_stats, impl):
+@_bn_act_backward_op.register_fake
+def _(grad, x, mean, invstd, weight, bias, batch_stats, activation, impl):
     return _empty_out(*_normalise(x)), torch.empty_like(mean), torch.empty_like(mean)
 
 
 def _setup(ctx, inputs, output):
-    x, mean, invstd, weight, bias, ctx.batch_stats, ctx.impl = inputs
+    x, mean, invstd, weight, bias, ctx.batch_stats, ctx.activation, ctx.impl = inputs
     ctx.save_for_backward(x, mean, invstd, weight, bias)
 
 
 def _grad(ctx, grad):
     x, mean, invstd, weight, bias = ctx.saved_tensors
     grad = like(grad, _empty_out(*_normalise(x)))
-    dx, dweight, dbias = torch.ops.fastblocks.bn_relu_backward(grad, x, mean, invstd, weight, bias,
-                                                               ctx.batch_stats, ctx.impl)
-    return dx, None, None, dweight, dbias, None, None
+    dx, dweight, dbias = torch.ops.fastblocks.bn_act_backward(grad, x, mean, invstd, weight, bias,
+                                                              ctx.batch_stats, ctx.activation, ctx.impl)
+    return dx, None, None, dweight, dbias, None, None, None
 
 
-_bn_relu_op.register_autograd(_grad, setup_context=_setup)
+_bn_act_op.register_autograd(_grad, setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +374,12 @@ def _check_channel_vector(t, name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def bn_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None = None,
-            running_var: Tensor | None = None, training: bool = True, eps: float = 1e-5,
-            impl: str | None = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """``relu(batch_norm(x))`` as one fused op; returns ``(y, mean, var)``.
+def bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None = None,
+           running_var: Tensor | None = None, training: bool = True, eps: float = 1e-5, activation: str = "relu",
+           impl: str | None = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """``act(batch_norm(x))`` as one fused op; returns ``(y, mean, var)``.
 
+    ``activation``: one of ``ACTIVATIONS`` ("none", "relu", "relu6", "silu", "hardswish").
     With ``training=True`` (or no running statistics) x is normalised with its own batch statistics
     and ``mean`` / ``var`` are those (biased variance), for the caller to fold into its running
     statistics (``fastblocks.nn._batchnorm.update_running_stats``). Otherwise ``running_mean`` /
@@ -375,6 +387,8 @@ def bn_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
     x may be a channel slice of an NCHW or channels_last buffer; it is read in place.
     """
     check_tensor(x, "x", ndim=4)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     C = x.shape[1]
     dtype = stat_dtype(x)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
@@ -385,16 +399,19 @@ def bn_relu(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
     use_batch = training or running_mean is None
     if use_batch and x.numel() // max(C, 1) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    impl = resolve("bn_relu", impl, x)
+    impl = resolve("bn_act", impl, x)
     if use_batch:
-        mean, var = torch.ops.fastblocks.bn_relu_stats(x.detach(), impl)
+        xd = x.detach()
+        mean, var = batch_stats(xd, impl) if direct_call_ok(xd) else torch.ops.fastblocks.bn_act_stats(xd, impl)
     else:
         mean, var = running_mean.to(dtype), running_var.to(dtype)
     weight = torch.ones(C, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
     bias = torch.zeros(C, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
     invstd = torch.rsqrt(var + eps)
-    y = torch.ops.fastblocks.bn_relu(x, mean, invstd, weight, bias, use_batch, impl)
+    if direct_call_ok(x, weight, bias):
+        return bn_act_forward(x, mean, invstd, weight, bias, activation, impl), mean, var
+    y = torch.ops.fastblocks.bn_act(x, mean, invstd, weight, bias, use_batch, activation, impl)
     return y, mean, var
 
 
-__all__ = ["bn_relu", "batch_stats", "bn_relu_forward", "bn_relu_backward", "stat_dtype"]
+__all__ = ["ACTIVATIONS", "batch_stats", "bn_act", "bn_act_backward", "bn_act_forward", "stat_dtype"]
