@@ -13,7 +13,8 @@ DEFAULT_AUTO_ORDER = {
 }
 
 # (op, device type) -> backend order; entries override DEFAULT_AUTO_ORDER.
-AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {('dwconv_bn_act', 'cpu'): ('torch', 'cpp'),
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {('bn_act', 'cpu'): ('torch', 'cpp'),
+ ('dwconv_bn_act', 'cpu'): ('torch', 'cpp'),
  ('hardswish', 'cpu'): ('torch', 'cpp'),
  ('shift', 'cpu'): ('cpp', 'torch'),
  ('squeeze_excite', 'cpu'): ('cpp', 'torch')}
