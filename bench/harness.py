@@ -87,6 +87,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def pass_wrapper(pass_: str):
+    """How a benchmark pass calls a module: "eval" runs it under ``torch.no_grad()`` (inference), the
+    training passes call it as it is."""
+    if pass_ != "eval":
+        return lambda module: module
+
+    def inference(module):
+        def run(*args):
+            with torch.no_grad():
+                return module(*args)
+        return run
+    return inference
+
+
 def saved_bytes(fn, *args) -> int:
     """Bytes of unique storages autograd saves for backward during one call of ``fn``."""
     storages: dict[int, int] = {}

@@ -2,10 +2,9 @@
 fastblocks.nn.BatchNormAct2d) against nn.BatchNorm2d -> nn.SiLU: training forward, forward+backward,
 and eval."""
 import pytest
-import torch
 from torch import nn
 
-from bench.harness import VARIANTS
+from bench.harness import VARIANTS, pass_wrapper
 from fastblocks.nn import BatchNormAct2d
 
 # (N, C, H, W): EfficientNet-B0 expand outputs (stage 2 and 4); quick = CPU-sized.
@@ -15,13 +14,6 @@ CASES = {
 }
 
 
-def _inference(module):
-    def run(x):
-        with torch.no_grad():
-            return module(x)
-    return run
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward", "eval"])
 @pytest.mark.parametrize("case", [0, 1])
@@ -29,7 +21,7 @@ def test_bn_act(fb_bench, variant, pass_, case):
     shape = fb_bench.case(CASES, case)
     C = shape[1]
     ref = fb_bench.module(nn.Sequential(nn.BatchNorm2d(C), nn.SiLU())).train(pass_ != "eval")
-    wrap = _inference if pass_ == "eval" else (lambda m: m)
+    wrap = pass_wrapper(pass_)
 
     def make(impl):
         fused = fb_bench.module(BatchNormAct2d(C, activation=nn.SiLU, impl=impl)).train(pass_ != "eval")

@@ -1,11 +1,10 @@
 """Fused depthwise conv + BatchNorm + SiLU (the MBConv depthwise stage) against torchvision's
 Conv2dNormActivation: training forward, forward+backward and eval (inference, no_grad)."""
 import pytest
-import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from bench.harness import VARIANTS
+from bench.harness import VARIANTS, pass_wrapper
 from fastblocks.nn import DWConvBNAct
 
 # (N, C, H, W, kernel, stride): EfficientNet-B0 / MobileNetV2 depthwise layers (issue 4); quick = CPU-sized.
@@ -15,13 +14,6 @@ CASES = {
 }
 
 
-def _inference(module):
-    def run(x):
-        with torch.no_grad():
-            return module(x)
-    return run
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward", "eval"])
 @pytest.mark.parametrize("case", range(3))
@@ -29,7 +21,7 @@ def test_dwconv_bn_act(fb_bench, variant, pass_, case):
     N, C, H, W, k, s = fb_bench.case(CASES, case)
     ref = fb_bench.module(Conv2dNormActivation(C, C, k, s, groups=C, activation_layer=nn.SiLU))
     ref.train(pass_ != "eval")
-    wrap = _inference if pass_ == "eval" else (lambda m: m)
+    wrap = pass_wrapper(pass_)
     fused = {}
 
     def make(impl):
