@@ -100,7 +100,7 @@ void dispatch_kernel_size(int64_t K, F&& f) {
 }
 
 // Zeros after the end of a per-channel table, so that a vector load of its last channels stays inside it.
-constexpr int64_t kTableSlack = 16;
+constexpr int64_t kTableSlack = simd::lanes<float>;  // the widest vector, in elements
 
 at::Tensor with_slack(const at::Tensor& v) { return at::cat({v.reshape(-1), at::zeros({kTableSlack}, v.options())}); }
 
@@ -137,7 +137,8 @@ FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows,
 // column j lives in phase j % sw at position j / sw. For every tap the inputs of consecutive output
 // columns are then consecutive in memory (stride 2 included), so the row loops are unit-stride
 // vectors. A row's last vector may run into the next row (its extra lanes are discarded); one vector
-// of slack at the end keeps that inside the buffer. Also the accumulator of the input gradient.
+// of slack at the end keeps that inside the buffer. The backward pads dz (stride 1) or accumulates dx
+// (strided) in one too.
 template <typename acc_t>
 struct PaddedPlane {
   const DWGeometry& g;
@@ -631,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   const int64_t rows = g.N * g.Ho;
   const int64_t P = g.channels_last ? std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads())) : g.N;
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::zeros({P, g.C, g.K, g.K}, weight.options());
+  at::Tensor dw = at::empty({P, g.C, g.K, g.K}, weight.options());
   const at::Tensor wt = weight_table(weight, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
