@@ -83,6 +83,22 @@ def test_float32_channels_last(impl, name):
     assert_same_step(ref, fb, x, train=False)
 
 
+# B0: the issue's goal (measured 0.51x). The others have none: guards at about the measured ratios
+# (MobileNetV2 0.57x, V3-Large 0.68x: its blocks without squeeze-excite keep the projection's input).
+@pytest.mark.parametrize(("name", "goal"), [("efficientnet_b0", 0.6), ("mobilenet_v2", 0.6),
+                                            ("mobilenet_v3_large", 0.7)])
+def test_bytes_saved_for_backward(name, goal):
+    """Bytes kept for backward by a training forward against torchvision's (sizes, device-independent)."""
+    from fastblocks.models.densenet import saved_bytes
+
+    ref, fb = _models(name, "auto")
+    x = torch.randn(2, 3, 64, 64)
+    kept = {}
+    for key, model in [("torchvision", ref.float().train()), ("fastblocks", fb.float().train())]:
+        kept[key] = saved_bytes(lambda: model(x), tuple(model.parameters()))[0]
+    assert kept["fastblocks"] <= goal * kept["torchvision"], kept
+
+
 # Triton on CPU runs interpreted, far too slowly for whole models: tests/test_blocks.py::test_block_triton
 # covers it on one block; on a GPU the models run with both kernel backends.
 @pytest.mark.cuda

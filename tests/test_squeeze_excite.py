@@ -261,3 +261,79 @@ def test_from_timm(gate):
 
 def test_backends_report():
     assert fastblocks.backends(verbose=False)[OP]["cpu"]["torch"] is None
+
+
+# --- squeeze_excite_conv1x1: the SE and the 1x1 projection after it, SE output recomputed in backward ---
+
+def _se_conv1x1_pair(C, O, pair, backend, dtype, device):
+    se, ref_se = _modules(C, max(1, C // 4), pair, backend, dtype, device)
+    proj = nn.Conv2d(C, O, 1, bias=False).to(device, dtype)
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.se, self.proj = se, proj
+
+        def forward(self, x):
+            return self.se.forward_conv1x1(x, self.proj.weight)
+
+    return Fused(), nn.Sequential(ref_se, proj)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 12, 7, 7), (1, 20, 5, 3)])
+def test_se_conv1x1_matches_torchvision(backend, device, dtype, pair, layout, shape):
+    require_backend(OP, backend, device, dtype)
+    fused, ref = _se_conv1x1_pair(shape[1], 6, pair, backend, dtype, device)
+    x = _input(shape, dtype, device, layout)
+    dy = torch.randn(shape[0], 6, *shape[2:], dtype=dtype, device=device)
+    y, grads = _run(fused, x, dy)
+    y_ref, grads_ref = _run(ref, x, dy)
+    tol = _tolerances(dtype, pair)
+    torch.testing.assert_close(y, y_ref, **tol)
+    for name, g, g_ref in zip(["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "proj.weight"], grads,
+                              grads_ref):
+        assert g.shape == g_ref.shape, name
+        torch.testing.assert_close(g, g_ref, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_se_conv1x1_saves_input_not_se_output(backend):
+    require_backend(OP, backend)
+    fused, ref = _se_conv1x1_pair(16, 8, "silu+sigmoid", backend, torch.float32, torch.device("cpu"))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    for m, expected in [(fused, 1), (ref, 2)]:  # torchvision: x for the SE and its output for the conv
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            m(x)
+        assert sum(t.shape == x.shape for t in saved) == expected, type(m).__name__
+
+
+def test_se_conv1x1_gradcheck_and_compile(backend):
+    require_backend(OP, backend, dtype=torch.float64)
+    x = torch.randn(2, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(2, 4), (2,), (4, 2), (4,), (3, 4, 1, 1)]]
+
+    def f(x, w1, b1, w2, b2, w):
+        return ops.squeeze_excite_conv1x1(x, w1, b1, w2, b2, w, "silu", "hardsigmoid", impl=backend)
+
+    assert torch.autograd.gradcheck(f, (x, *params), fast_mode=backend == "triton")
+    if backend != "triton":
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y = compiled(x, *params)
+        grads = torch.autograd.grad(y.square().sum(), (x, *params))
+        y_ref = f(x, *params)
+        torch.testing.assert_close(y, y_ref)
+        for g, g_ref in zip(grads, torch.autograd.grad(y_ref.square().sum(), (x, *params))):
+            torch.testing.assert_close(g, g_ref)
+
+
+def test_se_conv1x1_bad_weight():
+    x = torch.randn(2, 8, 4, 4)
+    params = [torch.randn(s) for s in [(2, 8), (2,), (8, 2), (8,)]]
+    with pytest.raises(ValueError, match=r"weight must be a 1x1 conv weight \[O, 8, 1, 1\]"):
+        ops.squeeze_excite_conv1x1(x, *params, torch.randn(4, 8, 3, 3))
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.squeeze_excite_conv1x1(x, *params, torch.randn(4, 8))

@@ -92,10 +92,16 @@ class ConvNormAct(nn.Sequential):
         return _FUSED_ACTIVATIONS.get(type(self[2]))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.norm_act(self[0](x))
+
+    def norm_act(self, y: Tensor) -> Tensor:
+        """Everything after the conv, applied to the conv output ``y``."""
         activation = self.fused_activation()
-        if activation is None:
-            return super().forward(x)
-        return batch_norm_act(self[1], self[0](x), activation, self.impl)
+        if activation is not None:
+            return batch_norm_act(self[1], y, activation, self.impl)
+        for layer in list(self)[1:]:
+            y = layer(y)
+        return y
 
     @classmethod
     def from_module(cls, m: nn.Sequential, impl: str = "auto") -> ConvNormAct:
@@ -176,6 +182,27 @@ def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new.train(old.training)
 
 
+def _is_plain_conv1x1(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.bias is None)
+
+
+class _Body(nn.Sequential):
+    """A block's layers, run in order (keys as nn.Sequential's). When gradients are recorded and a
+    fastblocks SqueezeExcite feeds a 1x1 projection, the two run as one
+    :func:`fastblocks.ops.squeeze_excite_conv1x1`: backward recomputes the excited tensor instead of
+    keeping it, one expanded-width activation less per block."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        *head, se, project = self
+        if not (torch.is_grad_enabled() and isinstance(se, SqueezeExcite) and isinstance(project, ConvNormAct)
+                and _is_plain_conv1x1(project[0])):
+            return super().forward(x)
+        for layer in head:
+            x = layer(x)
+        return project.norm_act(se.forward_conv1x1(x, project[0].weight))
+
+
 class _Residual(nn.Module):
     """Body, then (row-mode stochastic depth and) the identity shortcut when shapes allow."""
 
@@ -253,7 +280,7 @@ class MBConv(_Residual):
                 layers.append(se_layer(expanded_channels, squeeze_channels,
                                        activation=partial(activation, inplace=True)))
         layers.append(ConvNormAct(expanded_channels, out_channels, 1, norm_layer=norm_layer))
-        self.block = nn.Sequential(*layers)
+        self.block = _Body(*layers)
         self.use_res_connect = stride == 1 and in_channels == out_channels
         self.stochastic_depth_prob = stochastic_depth_prob
         self.out_channels = out_channels
@@ -387,7 +414,7 @@ class InvertedResidual(_Residual):
             else:
                 layers.append(se_layer(cnf.expanded_channels, squeeze))
         layers.append(ConvNormAct(cnf.expanded_channels, cnf.out_channels, 1, norm_layer=norm_layer))
-        self.block = nn.Sequential(*layers)
+        self.block = _Body(*layers)
         self.use_res_connect = cnf.stride == 1 and cnf.input_channels == cnf.out_channels
         self.out_channels = cnf.out_channels
         self._is_cn = cnf.stride > 1

@@ -57,6 +57,12 @@ class SqueezeExcite(nn.Module):
         return ops.squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                   self.act_name, self.scale_act_name, impl=self.impl)
 
+    def forward_conv1x1(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``conv2d(self(x), weight)`` for a 1x1 projection ``weight``, without keeping ``self(x)`` for
+        backward (:func:`fastblocks.ops.squeeze_excite_conv1x1`)."""
+        return ops.squeeze_excite_conv1x1(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, weight,
+                                          self.act_name, self.scale_act_name, impl=self.impl)
+
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
 

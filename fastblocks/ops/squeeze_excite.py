@@ -278,14 +278,9 @@ def _check_param(t, name: str, x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return t.contiguous()
 
 
-def squeeze_excite(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str = "relu",
-                   scale_activation: str = "sigmoid", impl: str | None = "auto") -> Tensor:
-    """``x * scale_activation(fc2(activation(fc1(mean_hw(x)))))`` as one fused op.
-
-    ``w1`` is fc1's weight [S, C] (or the 1x1 conv weight [S, C, 1, 1]), ``b1`` [S]; ``w2`` [C, S]
-    (or [C, S, 1, 1]), ``b2`` [C]. ``activation`` is one of "relu", "relu6", "silu", "hardswish";
-    ``scale_activation`` "sigmoid" or "hardsigmoid". Equal to torchvision's ``SqueezeExcitation``.
-    """
+def _checked(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str,
+             scale_activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The weights as [S, C], [S], [C, S], [C] after checking every argument."""
     check_tensor(x, "x", ndim=4)
     N, C, H, W = x.shape
     if H * W == 0:
@@ -296,9 +291,65 @@ def squeeze_excite(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ac
         raise ValueError(f"scale_activation must be one of {tuple(SCALE_ACTIVATIONS)}, got {scale_activation!r}")
     check_tensor(w1, "w1")
     S = w1.shape[0] if w1.dim() else -1
-    w1 = _check_param(w1, "w1", x, (S, C))
-    b1 = _check_param(b1, "b1", x, (S,))
-    w2 = _check_param(w2, "w2", x, (C, S))
-    b2 = _check_param(b2, "b2", x, (C,))
+    return (_check_param(w1, "w1", x, (S, C)), _check_param(b1, "b1", x, (S,)), _check_param(w2, "w2", x, (C, S)),
+            _check_param(b2, "b2", x, (C,)))
+
+
+def squeeze_excite(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str = "relu",
+                   scale_activation: str = "sigmoid", impl: str | None = "auto") -> Tensor:
+    """``x * scale_activation(fc2(activation(fc1(mean_hw(x)))))`` as one fused op.
+
+    ``w1`` is fc1's weight [S, C] (or the 1x1 conv weight [S, C, 1, 1]), ``b1`` [S]; ``w2`` [C, S]
+    (or [C, S, 1, 1]), ``b2`` [C]. ``activation`` is one of "relu", "relu6", "silu", "hardswish";
+    ``scale_activation`` "sigmoid" or "hardsigmoid". Equal to torchvision's ``SqueezeExcitation``.
+    """
+    w1, b1, w2, b2 = _checked(x, w1, b1, w2, b2, activation, scale_activation)
     se = _se_forward if direct_call_ok(x, w1, b1, w2, b2) else _se_op
     return se(x, w1, b1, w2, b2, activation, scale_activation, resolve("squeeze_excite", impl, x))
+
+
+class _SqueezeExciteConv1x1(torch.autograd.Function):
+    """conv1x1(squeeze_excite(x)) saving x (which the SE backward needs anyway), not the SE output."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, weight, activation, scale_activation, impl):
+        out = F.conv2d(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)
+        ctx.save_for_backward(x, w1, b1, w2, b2, weight)
+        ctx.se_args = activation, scale_activation, impl
+        ctx.conv_dtype = out.dtype  # the conv ran in this dtype (autocast may have cast its inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2, b2, weight = ctx.saved_tensors
+        se = _se_op(x, w1, b1, w2, b2, *ctx.se_args)  # recomputed: one more read of x, one write
+        dtype = ctx.conv_dtype
+        need_dx = any(ctx.needs_input_grad[:5])
+        d_se, d_weight, _ = _aten.convolution_backward(
+            grad.to(dtype), se.to(dtype), weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need_dx, ctx.needs_input_grad[5], False])
+        grads = (None,) * 5
+        if need_dx:
+            grads = torch.ops.fastblocks.squeeze_excite_backward(d_se.to(x.dtype), x, w1, b1, w2, b2, *ctx.se_args)
+        d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
+        return *grads, d_weight, None, None, None
+
+
+def squeeze_excite_conv1x1(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, weight: Tensor,
+                           activation: str = "relu", scale_activation: str = "sigmoid",
+                           impl: str | None = "auto") -> Tensor:
+    """``conv2d(squeeze_excite(x, ...), weight)`` for a bias-free 1x1 ``weight`` [O, C, 1, 1]: the
+    squeeze-excite and the projection that follows it in MBConv and MobileNetV3 blocks.
+
+    Same values as the two calls. Backward recomputes the squeeze-excite output (one more read of x)
+    instead of keeping it for the convolution's weight gradient: x is kept for the squeeze-excite
+    backward anyway, so the block saves one expanded-width activation less.
+    """
+    w1, b1, w2, b2 = _checked(x, w1, b1, w2, b2, activation, scale_activation)
+    check_tensor(weight, "weight", ndim=4)
+    if weight.shape[1:] != (x.shape[1], 1, 1):
+        raise ValueError(f"weight must be a 1x1 conv weight [O, {x.shape[1]}, 1, 1], got {tuple(weight.shape)}")
+    impl = resolve("squeeze_excite", impl, x)
+    if direct_call_ok(x, w1, b1, w2, b2, weight):  # nothing to save: the plain two calls
+        return F.conv2d(_se_forward(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)
+    return _SqueezeExciteConv1x1.apply(x, w1, b1, w2, b2, weight, activation, scale_activation, impl)
