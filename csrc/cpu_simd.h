@@ -2,7 +2,8 @@
 // the accumulation dtype (16 floats or 8 doubles), which the FB_CPU_MULTIVERSION clones lower to one
 // AVX-512 register, two AVX2 or four SSE registers. GCC's auto-vectoriser gives up on the tap loops of
 // the depthwise convolution (or versions them into scalar code), so those are written with explicit
-// vectors; simple elementwise and reduction loops are left to it.
+// vectors, and so are the BatchNorm + activation passes (whose piecewise activations it compiled to
+// branches).
 #pragma once
 
 #include <cstring>
@@ -16,6 +17,8 @@
 // Helpers are forced inline: called from a multiversioned kernel, an outlined copy would be compiled
 // for the baseline target only.
 #define FB_SIMD_INLINE inline __attribute__((always_inline))
+// The same for a lambda that a multiversioned kernel calls: `[&](...) FB_LAMBDA_INLINE { ... }`.
+#define FB_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace fastblocks {
 namespace simd {
@@ -60,21 +63,88 @@ FB_SIMD_INLINE vec<acc_t> load_partial(const scalar_t* p, int n) {
   return v;
 }
 
+// lanes<acc_t> elements when n is a whole vector, else the first n and zeros.
+template <typename acc_t, typename scalar_t>
+FB_SIMD_INLINE vec<acc_t> load_n(const scalar_t* p, int n) {
+  return n == lanes<acc_t> ? load<acc_t>(p) : load_partial<acc_t>(p, n);
+}
+
 template <typename acc_t>
 FB_SIMD_INLINE void store(acc_t* p, const vec<acc_t>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// The first n lanes of v into out, converted to out's dtype.
+template <typename acc_t, typename out_t>
+FB_SIMD_INLINE void store_n(out_t* out, const vec<acc_t>& v, int n) {
+  if constexpr (std::is_same_v<acc_t, out_t>) {
+    if (n == lanes<acc_t>) store(out, v);
+    else std::memcpy(out, &v, n * sizeof(acc_t));
+  } else {
+    for (int j = 0; j < n; ++j) out[j] = static_cast<out_t>(v[j]);
+  }
+}
+
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> broadcast(acc_t s) {
+  return vec<acc_t>{} + s;
+}
+
+// v with the lanes from n on set to zero.
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> keep_first(const vec<acc_t>& v, int n) {
+  using mask_t = decltype(v < v);  // the signed integer vector of the lane width
+  mask_t lane;
+  for (int j = 0; j < lanes<acc_t>; ++j) lane[j] = j;
+  return lane < mask_t{} + n ? v : vec<acc_t>{};
+}
+
+// f on every lane: a fixed-length loop over a plain array, which GCC vectorises when f is branch-free
+// arithmetic (SiLU, with expf_vectorizable).
+template <typename acc_t, typename F>
+FB_SIMD_INLINE vec<acc_t> lanewise(const vec<acc_t>& v, F f) {
+  acc_t buf[lanes<acc_t>];
+  std::memcpy(buf, &v, sizeof buf);
+  for (int j = 0; j < lanes<acc_t>; ++j) buf[j] = f(buf[j]);
+  vec<acc_t> r;
+  std::memcpy(&r, buf, sizeof r);
+  return r;
+}
+
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> clamp(const vec<acc_t>& v, acc_t lo, acc_t hi) {
+  const vec<acc_t> l = broadcast(lo), h = broadcast(hi);
+  return v < l ? l : (v > h ? h : v);
+}
+
+// The activations of activations.h and their derivatives, same formulas. The piecewise ones are
+// written as vector selects: as a lane loop GCC compiles their comparisons to branches, which random
+// signs mispredict half of the time.
+template <int ACT, typename acc_t>
+FB_SIMD_INLINE vec<acc_t> activate(const vec<acc_t>& v) {
+  const vec<acc_t> zero{};
+  if constexpr (ACT == kReLU) return v > zero ? v : zero;
+  else if constexpr (ACT == kReLU6) return clamp<acc_t>(v, 0, 6);
+  else if constexpr (ACT == kSiLU) return lanewise<acc_t>(v, [](acc_t x) { return silu(x); });
+  else if constexpr (ACT == kHardSwish) return v * clamp<acc_t>(v + acc_t(3), 0, 6) / acc_t(6);
+  else return v;
+}
+
+template <int ACT, typename acc_t>
+FB_SIMD_INLINE vec<acc_t> activate_grad(const vec<acc_t>& v) {
+  const vec<acc_t> zero{}, one = broadcast(acc_t(1));
+  if constexpr (ACT == kReLU) return v > zero ? one : zero;
+  else if constexpr (ACT == kReLU6) return (v > zero) & (v < broadcast(acc_t(6))) ? one : zero;
+  else if constexpr (ACT == kSiLU) return lanewise<acc_t>(v, [](acc_t x) { return silu_grad(x); });
+  else if constexpr (ACT == kHardSwish)
+    return v <= broadcast(acc_t(-3)) ? zero : (v < broadcast(acc_t(3)) ? v / acc_t(3) + acc_t(0.5) : one);
+  else return one;
+}
+
 // out[j] = act(v[j]) for the first n lanes, converted to out's dtype.
 template <int ACT, typename acc_t, typename out_t>
 FB_SIMD_INLINE void store_activated(out_t* out, const vec<acc_t>& v, int n) {
-  acc_t buf[lanes<acc_t>];
-  std::memcpy(buf, &v, sizeof buf);
-  for (int j = 0; j < lanes<acc_t>; ++j) buf[j] = activate<ACT>(buf[j]);
-  if constexpr (std::is_same_v<acc_t, out_t>) {
-    if (n == lanes<acc_t>) return void(std::memcpy(out, buf, sizeof buf));
-  }
-  for (int j = 0; j < n; ++j) out[j] = static_cast<out_t>(buf[j]);
+  store_n<acc_t>(out, activate<ACT, acc_t>(v), n);
 }
 
 // Sum of the lanes.

@@ -11,10 +11,12 @@
 //                                       the gradient through the batch mean and variance
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
 #include "bn_act.h"
+#include "cpu_simd.h"
 
 namespace fastblocks {
 namespace bn_act {
@@ -22,100 +24,163 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // values per parallel task
 
-// The inner loops, compiled per ISA (FB_CPU_MULTIVERSION) with the per-value work f inlined; `omp simd`
-// lets GCC vectorise them (and the sums use per-lane partials, in a fixed order: deterministic). The
-// forward loops vectorise; in the backward ones GCC keeps the comparisons of relu' / hardswish' as
-// branches, so they stay scalar for now.
+using simd::vec;
 
-// f(r, j) for r < rows, j < cols: rows of a contiguous run each (an NCHW plane's pixels, a pixel's channels).
-template <typename F>
-FB_CPU_MULTIVERSION void for_2d(int64_t rows, int64_t cols, const F& f) {
-  for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) f(r, j);
+// The per-channel tables a kernel reads (scale, shift, mean, ...), each copied into a buffer padded to
+// whole vectors: channels_last rows load them as full vectors at any channel offset.
+template <typename acc_t, int P>
+struct ChannelTables {
+  std::array<std::vector<acc_t>, P> padded;
+
+  ChannelTables(const std::array<const acc_t*, P>& tables, int64_t C) {
+    for (int i = 0; i < P; ++i) {
+      padded[i].assign(C + simd::lanes<acc_t>, acc_t(0));
+      std::copy(tables[i], tables[i] + C, padded[i].begin());
+    }
+  }
+  // Channel c of every table on every lane (NCHW: one channel per plane).
+  FB_SIMD_INLINE std::array<vec<acc_t>, P> broadcast(int64_t c) const {
+    std::array<vec<acc_t>, P> v;
+    for (int i = 0; i < P; ++i) v[i] = simd::broadcast(padded[i][c]);
+    return v;
+  }
+  // Channels c, c + 1, ... on consecutive lanes (channels_last).
+  FB_SIMD_INLINE std::array<vec<acc_t>, P> load(int64_t c) const {
+    std::array<vec<acc_t>, P> v;
+    for (int i = 0; i < P; ++i) v[i] = simd::load<acc_t>(padded[i].data() + c);
+    return v;
+  }
+};
+
+// The traversals below hand f runs of n <= lanes values, all of one channel (NCHW: pixels of a plane)
+// or of consecutive channels (channels_last: a pixel's channels), with the matching lanes of the
+// channel tables. The loops over a parallel task are compiled per ISA (FB_CPU_MULTIVERSION) and called
+// from inside the task: a lambda run by at::parallel_for is compiled for the baseline target only.
+
+// x at xi, the dense tensors (y, grad, dx) at oi. `whole`: a full vector may be read at both (the
+// lanes past n are the next plane's or pixel's), so a row's last, partial run needs no element-wise load.
+struct Run {
+  int64_t xi, oi;
+  int n;
+  bool whole;
+};
+
+template <typename acc_t, typename T>
+FB_SIMD_INLINE vec<acc_t> load(const T* p, const Run& r) {
+  return r.whole ? simd::load<acc_t>(p) : simd::load_partial<acc_t>(p, r.n);
+}
+
+// A run of n values at (xi, oi), whole when a vector read stays inside x's and the output's extents.
+FB_SIMD_INLINE Run make_run(const Geometry& g, int64_t xi, int64_t oi, int64_t n, int64_t lanes) {
+  const int64_t x_end = g.channels_last ? (g.count() - 1) * g.x_stride + g.C : (g.N - 1) * g.x_stride + g.C * g.HW;
+  return {xi, oi, static_cast<int>(std::min(n, lanes)), xi + lanes <= x_end && oi + lanes <= g.numel()};
+}
+
+// f(run, params) for the runs of NCHW planes [b, e).
+template <typename acc_t, int P, typename F>
+FB_CPU_MULTIVERSION void plane_runs(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
+                                    const F& f) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t nc = b; nc < e; ++nc) {
+    const int64_t n = nc / g.C, c = nc - n * g.C, xi = n * g.x_stride + c * g.HW, oi = nc * g.HW;
+    const auto params = t.broadcast(c);
+    int64_t p = 0;
+    for (; p + L <= g.HW; p += L) f(Run{xi + p, oi + p, L, true}, params);
+    if (p < g.HW) f(make_run(g, xi + p, oi + p, g.HW - p, L), params);
   }
 }
 
-// sum over j < n of f(j)[k], for K = 1 or 2.
-template <typename acc_t, int K, typename F>
-FB_CPU_MULTIVERSION std::array<acc_t, K> row_sums(int64_t n, const F& f) {
-  static_assert(K == 1 || K == 2);
-  acc_t s0 = 0, s1 = 0;
-#pragma omp simd reduction(+ : s0, s1)
-  for (int64_t j = 0; j < n; ++j) {
-    const std::array<acc_t, K> v = f(j);
-    s0 += v[0];
-    if constexpr (K == 2) s1 += v[K - 1];
+// f(run, params) for the runs of channels_last pixels [b, e).
+template <typename acc_t, int P, typename F>
+FB_CPU_MULTIVERSION void pixel_runs(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
+                                    const F& f) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t r = b; r < e; ++r) {
+    int64_t c = 0;
+    for (; c + L <= g.C; c += L) f(Run{r * g.x_stride + c, r * g.C + c, L, true}, t.load(c));
+    if (c < g.C) f(make_run(g, r * g.x_stride + c, r * g.C + c, g.C - c, L), t.load(c));
   }
-  if constexpr (K == 2) return {s0, s1};
-  else return {s0};
 }
 
-// acc[k * cols + j] += f(r, j)[k] for r < rows, j < cols: per-channel sums over channels_last pixels.
-template <typename acc_t, int K, typename F>
-FB_CPU_MULTIVERSION void add_2d(int64_t rows, int64_t cols, acc_t* __restrict acc, const F& f) {
-  for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const std::array<acc_t, K> v = f(r, j);
-      for (int k = 0; k < K; ++k) acc[k * cols + j] += v[k];
+template <typename acc_t, int P, typename F>
+void for_each_run(const Geometry& g, const ChannelTables<acc_t, P>& t, const F& f) {
+  if (!g.channels_last) {
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.HW, 1)),
+                     [&](int64_t b, int64_t e) { plane_runs(g, t, b, e, f); });
+  } else {
+    at::parallel_for(0, g.count(), std::max<int64_t>(1, kGrain / std::max<int64_t>(g.C, 1)),
+                     [&](int64_t b, int64_t e) { pixel_runs(g, t, b, e, f); });
+  }
+}
+
+// acc[k] += v[k], lanes from n on ignored.
+template <typename acc_t, int K>
+FB_SIMD_INLINE void accumulate(std::array<vec<acc_t>, K>& acc, const std::array<vec<acc_t>, K>& v, int n) {
+  for (int k = 0; k < K; ++k) acc[k] += n == simd::lanes<acc_t> ? v[k] : simd::keep_first<acc_t>(v[k], n);
+}
+
+// sums[k][c] for the NCHW channels [c0, c1): per-plane vector partials, then their lane sums.
+template <typename acc_t, int K, int P, typename F>
+FB_CPU_MULTIVERSION void plane_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t c0, int64_t c1,
+                                    std::array<std::vector<acc_t>, K>& sums, const F& f) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t c = c0; c < c1; ++c) {
+    const auto params = t.broadcast(c);
+    for (int64_t n = 0; n < g.N; ++n) {
+      const int64_t xi = n * g.x_stride + c * g.HW, oi = (n * g.C + c) * g.HW;
+      std::array<vec<acc_t>, K> plane{};
+      int64_t p = 0;
+      for (; p + L <= g.HW; p += L) accumulate<acc_t, K>(plane, f(Run{xi + p, oi + p, L, true}, params), L);
+      if (p < g.HW) {
+        const Run run = make_run(g, xi + p, oi + p, g.HW - p, L);
+        accumulate<acc_t, K>(plane, f(run, params), run.n);
+      }
+      for (int k = 0; k < K; ++k) sums[k][c] += simd::reduce_add<acc_t>(plane[k]);
     }
   }
 }
 
-// sums[k][c] = sum over the N * HW values of channel c of f(c, x_index, out_index)[k]. Row by row
-// partial sums keep the float32 rounding error small; the order is fixed, so results are deterministic.
-template <typename acc_t, int K, typename F>
-std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const F& f) {
+// acc[k * width + c] = the sums over the channels_last pixels [b, e).
+template <typename acc_t, int K, int P, typename F>
+FB_CPU_MULTIVERSION void pixel_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
+                                    acc_t* acc, int64_t width, const F& f) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t c = 0; c < g.C; c += L) {  // channel vectors outer: the K partial vectors stay in registers
+    const auto params = t.load(c);
+    std::array<vec<acc_t>, K> part{};
+    for (int64_t r = b; r < e; ++r) {
+      const Run run = c + L <= g.C ? Run{r * g.x_stride + c, r * g.C + c, L, true}
+                                   : make_run(g, r * g.x_stride + c, r * g.C + c, g.C - c, L);
+      accumulate<acc_t, K>(part, f(run, params), run.n);
+    }
+    for (int k = 0; k < K; ++k) simd::store(acc + k * width + c, part[k]);
+  }
+}
+
+// sums[k][c] = the sum over channel c's N * HW values of lane k of f(xi, oi, n, params), which returns
+// K vectors. Per-plane (NCHW) or per-chunk (channels_last) partial sums keep float32's rounding error
+// small; the order is fixed, so results are deterministic.
+template <typename acc_t, int K, int P, typename F>
+std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, const F& f) {
   std::array<std::vector<acc_t>, K> sums;
   for (auto& s : sums) s.assign(g.C, acc_t(0));
   if (!g.channels_last) {
-    at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1)), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        std::array<acc_t, K> total{};
-        for (int64_t n = 0; n < g.N; ++n) {
-          const int64_t xi = n * g.x_stride + c * g.HW, oi = (n * g.C + c) * g.HW;
-          const auto row = row_sums<acc_t, K>(g.HW, [&](int64_t p) { return f(c, xi + p, oi + p); });
-          for (int k = 0; k < K; ++k) total[k] += row[k];
-        }
-        for (int k = 0; k < K; ++k) sums[k][c] = total[k];
-      }
-    });
+    at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1)),
+                     [&](int64_t c0, int64_t c1) { plane_sums<acc_t, K>(g, t, c0, c1, sums, f); });
     return sums;
   }
-  // channels_last: chunks of pixels, each summing a row of C channels at a time into its own partials.
+  // channels_last: chunks of pixels, each summing into its own padded [K][C] partials.
   const int64_t rows = g.count(), chunk = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.C, 1));
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-  std::vector<acc_t> partial(chunks * K * g.C, acc_t(0));
+  const int64_t chunks = (rows + chunk - 1) / chunk, width = g.C + simd::lanes<acc_t>;
+  std::vector<acc_t> partial(chunks * K * width);
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * chunk;
-      add_2d<acc_t, K>(std::min(rows, r0 + chunk) - r0, g.C, partial.data() + t * K * g.C, [&](int64_t r, int64_t c) {
-        return f(c, (r0 + r) * g.x_stride + c, (r0 + r) * g.C + c);
-      });
-    }
+    for (int64_t ch = t0; ch < t1; ++ch)
+      pixel_sums<acc_t, K>(g, t, ch * chunk, std::min(rows, (ch + 1) * chunk), partial.data() + ch * K * width, width, f);
   });
-  for (int64_t t = 0; t < chunks; ++t)
+  for (int64_t ch = 0; ch < chunks; ++ch)
     for (int k = 0; k < K; ++k)
-      for (int64_t c = 0; c < g.C; ++c) sums[k][c] += partial[(t * K + k) * g.C + c];
+      for (int64_t c = 0; c < g.C; ++c) sums[k][c] += partial[(ch * K + k) * width + c];
   return sums;
-}
-
-// f(c, x_index, out_index) for every value.
-template <typename F>
-void for_each_value(const Geometry& g, const F& f) {
-  if (!g.channels_last) {
-    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.HW, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t nc = b; nc < e; ++nc) {
-        const int64_t n = nc / g.C, c = nc - n * g.C, xi = n * g.x_stride + c * g.HW;
-        for_2d(1, g.HW, [&](int64_t, int64_t p) { f(c, xi + p, nc * g.HW + p); });
-      }
-    });
-  } else {
-    at::parallel_for(0, g.count(), std::max<int64_t>(1, kGrain / std::max<int64_t>(g.C, 1)), [&](int64_t b, int64_t e) {
-      for_2d(e - b, g.C, [&](int64_t r, int64_t c) { f(c, (b + r) * g.x_stride + c, (b + r) * g.C + c); });
-    });
-  }
 }
 
 template <typename T>
@@ -130,13 +195,15 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const acc_t inv_count = g.count() > 0 ? acc_t(1) / acc_t(g.count()) : acc_t(0);
-    auto s1 = channel_sums<acc_t, 1>(g, [&](int64_t, int64_t xi, int64_t) {
-      return std::array<acc_t, 1>{static_cast<acc_t>(px[xi])};
+    const ChannelTables<acc_t, 0> none({}, g.C);
+    auto s1 = channel_sums<acc_t, 1>(g, none, [&](const Run& r, const auto&) FB_LAMBDA_INLINE {
+      return std::array<vec<acc_t>, 1>{load<acc_t>(px + r.xi, r)};
     })[0];
     for (auto& v : s1) v *= inv_count;
-    auto s2 = channel_sums<acc_t, 2>(g, [&](int64_t c, int64_t xi, int64_t) {
-      const acc_t d = static_cast<acc_t>(px[xi]) - s1[c];
-      return std::array<acc_t, 2>{d, d * d};
+    const ChannelTables<acc_t, 1> first_mean({s1.data()}, g.C);
+    auto s2 = channel_sums<acc_t, 2>(g, first_mean, [&](const Run& r, const auto& mu) FB_LAMBDA_INLINE {
+      const vec<acc_t> d = load<acc_t>(px + r.xi, r) - mu[0];
+      return std::array<vec<acc_t>, 2>{d, d * d};
     });
     for (int64_t c = 0; c < g.C; ++c) {  // the first mean's rounding error, removed from both
       const acc_t shift = s2[0][c] * inv_count;
@@ -159,11 +226,11 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
+    const ChannelTables<acc_t, 2> t({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()}, g.C);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
-      for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
-        py[oi] = static_cast<scalar_t>(activate<ACT>(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+      for_each_run(g, t, [&](const Run& r, const auto& ab) FB_LAMBDA_INLINE {
+        simd::store_activated<ACT, acc_t>(py + r.oi, load<acc_t>(px + r.xi, r) * ab[0] + ab[1], r.n);
       });
     });
   });
@@ -183,24 +250,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
-                *mu = mean.const_data_ptr<acc_t>();
+    const ChannelTables<acc_t, 3> t({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                     mean.const_data_ptr<acc_t>()}, g.C);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
-      // g = dy * act'(u), u recomputed from x
-      auto grad_u = [&](int64_t c, acc_t xv, int64_t oi) {
-        return static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
+      // g = dy * act'(u) with u = x * scale + shift recomputed from x; returns g and x - mean
+      auto grad_u = [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
+        const vec<acc_t> xv = load<acc_t>(px + r.xi, r);
+        return std::array<vec<acc_t>, 2>{load<acc_t>(pdy + r.oi, r) * simd::activate_grad<ACT, acc_t>(xv * p[0] + p[1]),
+                                         xv - p[2]};
       };
-      auto sums = channel_sums<acc_t, 2>(g, [&](int64_t c, int64_t xi, int64_t oi) {
-        const acc_t xv = static_cast<acc_t>(px[xi]), d = grad_u(c, xv, oi);
-        return std::array<acc_t, 2>{d, d * (xv - mu[c])};
+      auto sums = channel_sums<acc_t, 2>(g, t, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
+        const auto [d, xmu] = grad_u(r, p);
+        return std::array<vec<acc_t>, 2>{d, d * xmu};
       });
       terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
-      const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
+      const ChannelTables<acc_t, 5> tt({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                        mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
+                                        terms.b.const_data_ptr<acc_t>()}, g.C);
       scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-      for_each_value(g, [&](int64_t c, int64_t xi, int64_t oi) {
-        const acc_t xv = static_cast<acc_t>(px[xi]);
-        pdx[oi] = static_cast<scalar_t>(sc[c] * (grad_u(c, xv, oi) - ta[c] - (xv - mu[c]) * tb[c]));
+      for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
+        const auto [d, xmu] = grad_u(r, p);
+        simd::store_n<acc_t>(pdx + r.oi, p[0] * (d - p[3] - xmu * p[4]), r.n);
       });
     });
   });
