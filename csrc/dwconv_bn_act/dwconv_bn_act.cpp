@@ -113,20 +113,34 @@ at::Tensor weight_table(const at::Tensor& weight, const DWGeometry& g, const at:
   return g.channels_last ? with_slack(w.t()) : w.contiguous();
 }
 
+// g = dy * act'(s * z + t) on a run of n <= L values. `whole`: a full vector may be read at z and dy.
+template <int ACT, typename scalar_t, typename acc_t>
+FB_SIMD_INLINE std::pair<simd::vec<acc_t>, simd::vec<acc_t>> grad_through_act(const acc_t* z, const scalar_t* dy, int n,
+                                                                              bool whole, const simd::vec<acc_t>& s,
+                                                                              const simd::vec<acc_t>& t) {
+  const simd::vec<acc_t> zv = whole ? simd::load<acc_t>(z) : simd::load_partial<acc_t>(z, n);
+  const simd::vec<acc_t> dv = whole ? simd::load<acc_t>(dy) : simd::load_partial<acc_t>(dy, n);
+  return {dv * simd::activate_grad<ACT, acc_t>(s * zv + t), zv};
+}
+
 // dz = s * dy * act'(s * z + t) + p + q * z in place over z: the gradient of z through the activation
-// and the BatchNorm. PER_CHANNEL: z / dy are [rows, C] with per-channel s, t, p, q (channels_last);
-// otherwise one channel's plane as [1, C = plane size] with scalar parameters at index 0 (NCHW).
+// and the BatchNorm. PER_CHANNEL: z / dy are [rows, C] with per-channel s, t, p, q (channels_last; the
+// tables with slack); otherwise one channel's plane as [1, C = plane size] with the scalars at index 0.
 template <int ACT, bool PER_CHANNEL, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
                                      const acc_t* t, const acc_t* p, const acc_t* q) {
+  constexpr int L = simd::lanes<acc_t>;
+  auto param = [&](const acc_t* a, int64_t c) FB_LAMBDA_INLINE {
+    return PER_CHANNEL ? simd::load<acc_t>(a + c) : simd::broadcast(a[0]);
+  };
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* zr = z + r * C;
     const scalar_t* dr = dy + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = PER_CHANNEL ? c : 0;
-      const acc_t zc = zr[c];
-      zr[c] = s[k] * static_cast<acc_t>(dr[c]) * activate_grad<ACT>(s[k] * zc + t[k]) + p[k] + q[k] * zc;
+    for (int64_t c = 0; c < C; c += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+      const auto sv = param(s, c);
+      const auto [gv, zv] = grad_through_act<ACT>(zr + c, dr + c, n, n == L || r + 1 < rows, sv, param(t, c));
+      simd::store_n<acc_t>(zr + c, sv * gv + param(p, c) + param(q, c) * zv, n);
     }
   }
 }
@@ -272,15 +286,18 @@ FB_CPU_MULTIVERSION void mean_m2(const acc_t* z, int64_t n, acc_t& mean, acc_t& 
 template <int ACT, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void grad_sums_plane(const acc_t* z, const scalar_t* dy, int64_t n, acc_t s, acc_t t,
                                          acc_t center, acc_t& sum_g, acc_t& sum_gz) {
-  acc_t sg = 0, sgz = 0;
-#pragma omp simd reduction(+ : sg, sgz)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gv = static_cast<acc_t>(dy[i]) * activate_grad<ACT>(s * z[i] + t);
+  constexpr int L = simd::lanes<acc_t>;
+  const auto sv = simd::broadcast(s), tv = simd::broadcast(t), cv = simd::broadcast(center);
+  simd::vec<acc_t> sg{}, sgz{};
+  for (int64_t i = 0; i < n; i += L) {
+    const int m = static_cast<int>(std::min<int64_t>(L, n - i));
+    auto [gv, zv] = grad_through_act<ACT>(z + i, dy + i, m, m == L, sv, tv);
+    gv = simd::keep_first<acc_t>(gv, m);
     sg += gv;
-    sgz += gv * (z[i] - center);
+    sgz += gv * (zv - cv);
   }
-  sum_g = sg;
-  sum_gz = sgz;
+  sum_g = simd::reduce_add<acc_t>(sg);
+  sum_gz = simd::reduce_add<acc_t>(sgz);
 }
 
 // Runs f(x_plane, z_plane, n, c) for every (n, c) plane in parallel; x_plane holds the padded input,
@@ -480,19 +497,25 @@ FB_CPU_MULTIVERSION void column_mean_m2(const acc_t* z, int64_t rows, int64_t C,
     for (int64_t c = 0; c < C; ++c) m2[c] += (z[r * C + c] - mean[c]) * (z[r * C + c] - mean[c]);
 }
 
-// Per-channel sums over the rows of g = dy * act'(s * z + t) and of g * (z - center) (z, dy: [rows, C]).
+// Per-channel sums over the rows of g = dy * act'(s * z + t) and of g * (z - center) (z, dy: [rows, C];
+// s, t, center with slack).
 template <int ACT, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void column_grad_sums(const acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
                                           const acc_t* t, const acc_t* center, acc_t* sum_g, acc_t* sum_gz) {
-  std::fill(sum_g, sum_g + C, acc_t(0));
-  std::fill(sum_gz, sum_gz + C, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r)
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t zc = z[r * C + c], gv = static_cast<acc_t>(dy[r * C + c]) * activate_grad<ACT>(s[c] * zc + t[c]);
-      sum_g[c] += gv;
-      sum_gz[c] += gv * (zc - center[c]);
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t c = 0; c < C; c += L) {  // channel vectors outer: the sums stay in registers
+    const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+    const auto sv = simd::load<acc_t>(s + c), tv = simd::load<acc_t>(t + c), cv = simd::load<acc_t>(center + c);
+    simd::vec<acc_t> sg{}, sgz{};
+    for (int64_t r = 0; r < rows; ++r) {
+      auto [gv, zv] = grad_through_act<ACT>(z + r * C + c, dy + r * C + c, n, n == L || r + 1 < rows, sv, tv);
+      gv = simd::keep_first<acc_t>(gv, n);
+      sg += gv;
+      sgz += gv * (zv - cv);
     }
+    simd::store_n<acc_t>(sum_g + c, sg, n);
+    simd::store_n<acc_t>(sum_gz + c, sgz, n);
+  }
 }
 
 // Runs f(z_row, n, oh, partition) over every output row (n, oh) in parallel, with z_row room for one
@@ -590,8 +613,10 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_grad_stats_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-                *pt = shift.const_data_ptr<acc_t>(), *pc = center.const_data_ptr<acc_t>();
+    auto table = [&](const at::Tensor& v) { return g.channels_last ? with_slack(v) : v; };  // vector reads
+    const at::Tensor s_t = table(scale), t_t = table(shift), c_t = table(center);
+    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
+                *pc = c_t.const_data_ptr<acc_t>();
     acc_t *psg = sum_g.mutable_data_ptr<acc_t>(), *psgz = sum_gz.mutable_data_ptr<acc_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
@@ -637,8 +662,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = scale.const_data_ptr<acc_t>(),
-                *pt = shift.const_data_ptr<acc_t>(), *pp = p.const_data_ptr<acc_t>(), *pq = q.const_data_ptr<acc_t>();
+    auto table = [&](const at::Tensor& v) { return g.channels_last ? with_slack(v) : v; };  // vector reads
+    const at::Tensor s_t = table(scale), t_t = table(shift), p_t = table(p), q_t = table(q);
+    const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
+                *pp = p_t.const_data_ptr<acc_t>(), *pq = q_t.const_data_ptr<acc_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
     acc_t* pdw = dw.mutable_data_ptr<acc_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
