@@ -28,8 +28,18 @@ TRAIN = {"quick": [(4, 96)], "full": [(128, 224)]}  # (batch, resolution)
 INFER = {"quick": [(8, 224)], "full": [(256, 224)]}
 
 
+# Each backend forced, and impl="auto": what a user gets by default (per op, the backend
+# fastblocks/_auto_table.py ranks first).
+MODEL_VARIANTS = VARIANTS + ["fastblocks-auto"]
+
+
 def _model(fb_bench, variant: str, name: str) -> torch.nn.Module:
     op = FAMILIES[name]
+    if variant == "fastblocks-auto":
+        if op is None:
+            pytest.skip(f"{name} has no fused kernels: one fastblocks run")
+        fb_bench.variant = variant
+        return fb_bench.module(getattr(models, name)(impl="auto"))
     if op is None and variant.startswith("fastblocks-"):
         if variant != ("fastblocks-cuda" if fb_bench.device.type == "cuda" else "fastblocks-cpp"):
             pytest.skip(f"{name} has no fused kernels: one fastblocks run")
@@ -40,7 +50,7 @@ def _model(fb_bench, variant: str, name: str) -> torch.nn.Module:
     return fb_bench.module(model)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_train_step(fb_bench, name, variant):
     batch, resolution = fb_bench.case(TRAIN, 0)
@@ -53,7 +63,7 @@ def test_train_step(fb_bench, name, variant):
                  extra=extra)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_inference(fb_bench, name, variant):
     batch, resolution = fb_bench.case(INFER, 0)
