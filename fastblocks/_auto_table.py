@@ -13,8 +13,8 @@ DEFAULT_AUTO_ORDER = {
 }
 
 # (op, device type) -> backend order; entries override DEFAULT_AUTO_ORDER.
-AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {('bn_act', 'cpu'): ('torch', 'cpp'),
- ('dwconv_bn_act', 'cpu'): ('torch', 'cpp'),
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {('bn_act', 'cpu'): ('cpp', 'torch'),
+ ('dwconv_bn_act', 'cpu'): ('cpp', 'torch'),
  ('hardswish', 'cpu'): ('torch', 'cpp'),
  ('shift', 'cpu'): ('cpp', 'torch'),
  ('squeeze_excite', 'cpu'): ('cpp', 'torch')}
