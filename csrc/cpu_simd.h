@@ -147,6 +147,19 @@ FB_SIMD_INLINE vec<acc_t> activate_grad(const vec<acc_t>& v) {
   else return one;
 }
 
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> hardsigmoid(const vec<acc_t>& v) {
+  return clamp<acc_t>(v / acc_t(6) + acc_t(0.5), 0, 1);
+}
+
+// 1/6 on (-3, 3), as a difference of two steps (see above).
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> hardsigmoid_grad(const vec<acc_t>& v) {
+  const vec<acc_t> zero{}, sixth = broadcast(acc_t(1) / acc_t(6));
+  const vec<acc_t> above = v > broadcast(acc_t(-3)) ? sixth : zero, from_3 = v >= broadcast(acc_t(3)) ? sixth : zero;
+  return above - from_3;
+}
+
 // out[j] = act(v[j]) for the first n lanes, converted to out's dtype.
 template <int ACT, typename acc_t, typename out_t>
 FB_SIMD_INLINE void store_activated(out_t* out, const vec<acc_t>& v, int n) {

@@ -210,7 +210,7 @@ FB_CPU_MULTIVERSION void conv_plane(PaddedPlane<acc_t>& xp, const acc_t* w, acc_
   const int64_t per_row = (g.Wo + L - 1) / L, total = g.Ho * per_row;
   for (int64_t v0 = 0, oh = 0, ow = 0; v0 < total; v0 += kBlock) {
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, total - v0));
-    int64_t in[kBlock], dst[kBlock];  // input offset of each vector's first tap-0 element, output offset
+    int64_t in[kBlock] = {}, dst[kBlock];  // input offset of each vector's first tap-0 element, output offset
     int n[kBlock];
     for (int b = 0; b < kBlock; ++b) {
       in[b] = b < nb ? oh * xp.row_step() + ow : in[0];  // a block cut short repeats its first vector

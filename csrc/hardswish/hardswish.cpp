@@ -2,7 +2,10 @@
 // schemas and C++ CPU kernels. The CUDA kernels are in hardswish_cuda.cu.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "activations.h"
+#include "cpu_simd.h"
 #include "fastblocks.h"
 
 namespace fastblocks {
@@ -10,17 +13,17 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task: large enough to amortise a task
 
-// out[i] = op(in[i]) / op(a[i], b[i]) over [begin, end) of flat storage; branch-free bodies, so each
-// clone vectorises (b == nullptr selects the unary form).
+// out[i] = op(a[i], b[i]) over [begin, end) of flat storage, in vectors of the accumulation dtype
+// (b == nullptr: the unary form, op's second operand is zero).
 template <typename scalar_t, typename Op>
 FB_CPU_MULTIVERSION void map_loop(const scalar_t* __restrict a, const scalar_t* __restrict b,
                                   scalar_t* __restrict out, int64_t begin, int64_t end, Op op) {
   using acc_t = opmath_t<scalar_t>;
-  if (b == nullptr) {
-    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<scalar_t>(op(static_cast<acc_t>(a[i]), acc_t(0)));
-  } else {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] = static_cast<scalar_t>(op(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i])));
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t i = begin; i < end; i += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, end - i));
+    const simd::vec<acc_t> vb = b == nullptr ? simd::vec<acc_t>{} : simd::load_n<acc_t>(b + i, n);
+    simd::store_n<acc_t>(out + i, op(simd::load_n<acc_t>(a + i, n), vb), n);
   }
 }
 
@@ -43,7 +46,8 @@ at::Tensor check_input(const at::Tensor& x) {
 at::Tensor hardswish_forward_cpu(const at::Tensor& x) {
   at::Tensor out = check_input(x);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_forward_cpu", [&] {
-    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) { return hardswish(v); });
+    using acc_t = opmath_t<scalar_t>;
+    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) FB_LAMBDA_INLINE { return simd::activate<kHardSwish, acc_t>(v); });
   });
   return out;
 }
@@ -52,7 +56,9 @@ at::Tensor hardswish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   at::Tensor out = check_input(x);
   check_same_layout(grad, "grad", x, "x");
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardswish_backward_cpu", [&] {
-    map_elementwise<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardswish_grad(v); });
+    using acc_t = opmath_t<scalar_t>;
+    map_elementwise<scalar_t>(grad, x, out,
+                              [](auto dy, auto v) FB_LAMBDA_INLINE { return dy * simd::activate_grad<kHardSwish, acc_t>(v); });
   });
   return out;
 }
@@ -60,7 +66,8 @@ at::Tensor hardswish_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
 at::Tensor hardsigmoid_forward_cpu(const at::Tensor& x) {
   at::Tensor out = check_input(x);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_forward_cpu", [&] {
-    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) { return hardsigmoid(v); });
+    using acc_t = opmath_t<scalar_t>;
+    map_elementwise<scalar_t>(x, {}, out, [](auto v, auto) FB_LAMBDA_INLINE { return simd::hardsigmoid<acc_t>(v); });
   });
   return out;
 }
@@ -69,7 +76,9 @@ at::Tensor hardsigmoid_backward_cpu(const at::Tensor& grad, const at::Tensor& x)
   at::Tensor out = check_input(x);
   check_same_layout(grad, "grad", x, "x");
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_backward_cpu", [&] {
-    map_elementwise<scalar_t>(grad, x, out, [](auto dy, auto v) { return dy * hardsigmoid_grad(v); });
+    using acc_t = opmath_t<scalar_t>;
+    map_elementwise<scalar_t>(grad, x, out,
+                              [](auto dy, auto v) FB_LAMBDA_INLINE { return dy * simd::hardsigmoid_grad<acc_t>(v); });
   });
   return out;
 }
