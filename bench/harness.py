@@ -36,7 +36,9 @@ inside the timed function, compiles outside the timing (reported as extra_info["
 records peak memory (CUDA), bytes saved for backward (saved_tensors_hooks, any device), bytes moved
 per call and the fraction of copy bandwidth, and items/s when ``items`` (e.g. the batch size) is given.
 For a whole training step, pass a function that does the step and ``pass_="train"``; add anything
-else (e.g. ``saved_bytes(forward_fn, x)`` of the forward alone) with ``extra={...}``.
+else with ``extra={...}``, or with ``after=lambda: {...}`` for what must be measured after the timing
+(e.g. ``saved_bytes`` of a forward alone: a forward whose graph is dropped unused leaves the CPU
+allocator in a state that slowed later training steps by up to 1.5x on this machine).
 """
 from __future__ import annotations
 
@@ -200,7 +202,7 @@ class FbBench:
 
     # -- timing ----------------------------------------------------------------------------------
     def run(self, fn, *args, op: str, case, pass_: str = "forward", bytes_moved: int | None = None,
-            items: int | None = None, params=(), extra: dict | None = None):
+            items: int | None = None, params=(), extra: dict | None = None, after=None):
         device = self.device
         grads = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + list(params)
         backward = pass_ == "forward+backward"
@@ -237,13 +239,14 @@ class FbBench:
             timed()
             info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
             info["peak_extra_bytes"] = info["peak_mem_bytes"] - base
-        if backward:
-            info["saved_bytes"] = saved_bytes(fn, *args)
         info.update(extra or {})
 
         rounds = self.cfg.rounds or (50 if device.type == "cuda" else 15)
         self.benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
         median = self.benchmark.stats.stats.median
+        if backward:
+            info["saved_bytes"] = saved_bytes(fn, *args)
+        info.update(after() if after else {})
         if bytes_moved:
             info["bytes_moved"] = int(bytes_moved)
             info["gbps"] = round(bytes_moved / median / 1e9, 2)

@@ -40,11 +40,11 @@ def test_densenet121_train_step(fb_bench, variant, case):
     batch, resolution = fb_bench.case(CASES, case)
     model = _model(fb_bench, variant).train()
     step, x, params = fb_bench.train_step(model, (batch, 3, resolution, resolution))
-    extra = {}
-    if variant != "compile":  # compiled graphs keep their own saved tensors
-        extra["saved_bytes"], _ = saved_bytes(lambda: model(x), tuple(params))
+    def kept_for_backward():  # compiled graphs keep their own saved tensors
+        return {} if variant == "compile" else {"saved_bytes": saved_bytes(lambda: model(x), tuple(params))[0]}
+
     fb_bench.run(step, op="densenet121", case=(batch, 3, resolution, resolution), pass_="train", items=batch,
-                 extra=extra)
+                 after=kept_for_backward)
 
 
 def _fits(model, batch: int, resolution: int, fb_bench) -> bool:

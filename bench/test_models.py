@@ -56,11 +56,11 @@ def test_train_step(fb_bench, name, variant):
     batch, resolution = fb_bench.case(TRAIN, 0)
     model = _model(fb_bench, variant, name).train()
     step, x, params = fb_bench.train_step(model, (batch, 3, resolution, resolution))
-    extra = {}
-    if variant != "compile":  # a compiled graph keeps its own saved tensors
-        extra["saved_bytes"], _ = saved_bytes(lambda: model(x), tuple(params))
+    def kept_for_backward():  # a compiled graph keeps its own saved tensors
+        return {} if variant == "compile" else {"saved_bytes": saved_bytes(lambda: model(x), tuple(params))[0]}
+
     fb_bench.run(step, op=f"{name}-train", case=(batch, 3, resolution, resolution), pass_="train", items=batch,
-                 extra=extra)
+                 after=kept_for_backward)
 
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS)
