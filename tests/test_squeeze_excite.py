@@ -335,5 +335,7 @@ def test_se_conv1x1_bad_weight():
     params = [torch.randn(s) for s in [(2, 8), (2,), (8, 2), (8,)]]
     with pytest.raises(ValueError, match=r"weight must be a 1x1 conv weight \[O, 8, 1, 1\]"):
         ops.squeeze_excite_conv1x1(x, *params, torch.randn(4, 8, 3, 3))
-    with pytest.raises(ValueError, match="weight must be"):
+    with pytest.raises(ValueError, match=r"weight must be a 1x1 conv weight \[O, 8, 1, 1\], got \(4, 8\)"):
         ops.squeeze_excite_conv1x1(x, *params, torch.randn(4, 8))
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        ops.squeeze_excite_conv1x1(x, *params, torch.ones(4, 8, 1, 1, dtype=torch.int64))

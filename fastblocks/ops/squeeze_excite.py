@@ -346,8 +346,8 @@ def squeeze_excite_conv1x1(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
     backward anyway, so the block saves one expanded-width activation less.
     """
     w1, b1, w2, b2 = _checked(x, w1, b1, w2, b2, activation, scale_activation)
-    check_tensor(weight, "weight", ndim=4)
-    if weight.shape[1:] != (x.shape[1], 1, 1):
+    check_tensor(weight, "weight")
+    if weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"weight must be a 1x1 conv weight [O, {x.shape[1]}, 1, 1], got {tuple(weight.shape)}")
     impl = resolve("squeeze_excite", impl, x)
     if direct_call_ok(x, w1, b1, w2, b2, weight):  # nothing to save: the plain two calls
