@@ -63,10 +63,11 @@ FB_SIMD_INLINE vec<acc_t> load_partial(const scalar_t* p, int n) {
   return v;
 }
 
-// lanes<acc_t> elements when n is a whole vector, else the first n and zeros.
+// lanes<acc_t> elements when n is a whole vector or `readable` (a whole vector at p stays inside the
+// buffer: the lanes past n belong to the next row and are ignored), else the first n and zeros.
 template <typename acc_t, typename scalar_t>
-FB_SIMD_INLINE vec<acc_t> load_n(const scalar_t* p, int n) {
-  return n == lanes<acc_t> ? load<acc_t>(p) : load_partial<acc_t>(p, n);
+FB_SIMD_INLINE vec<acc_t> load_n(const scalar_t* p, int n, bool readable = false) {
+  return readable || n == lanes<acc_t> ? load<acc_t>(p) : load_partial<acc_t>(p, n);
 }
 
 template <typename acc_t>

@@ -65,11 +65,6 @@ struct Run {
   bool whole;
 };
 
-template <typename acc_t, typename T>
-FB_SIMD_INLINE vec<acc_t> load(const T* p, const Run& r) {
-  return r.whole ? simd::load<acc_t>(p) : simd::load_partial<acc_t>(p, r.n);
-}
-
 // A run of n values at (xi, oi), whole when a vector read stays inside x's and the output's extents.
 FB_SIMD_INLINE Run make_run(const Geometry& g, int64_t xi, int64_t oi, int64_t n, int64_t lanes) {
   const int64_t x_end = g.channels_last ? (g.count() - 1) * g.x_stride + g.C : (g.N - 1) * g.x_stride + g.C * g.HW;
@@ -197,12 +192,12 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
     const acc_t inv_count = g.count() > 0 ? acc_t(1) / acc_t(g.count()) : acc_t(0);
     const ChannelTables<acc_t, 0> none({}, g.C);
     auto s1 = channel_sums<acc_t, 1>(g, none, [&](const Run& r, const auto&) FB_LAMBDA_INLINE {
-      return std::array<vec<acc_t>, 1>{load<acc_t>(px + r.xi, r)};
+      return std::array<vec<acc_t>, 1>{simd::load_n<acc_t>(px + r.xi, r.n, r.whole)};
     })[0];
     for (auto& v : s1) v *= inv_count;
     const ChannelTables<acc_t, 1> first_mean({s1.data()}, g.C);
     auto s2 = channel_sums<acc_t, 2>(g, first_mean, [&](const Run& r, const auto& mu) FB_LAMBDA_INLINE {
-      const vec<acc_t> d = load<acc_t>(px + r.xi, r) - mu[0];
+      const vec<acc_t> d = simd::load_n<acc_t>(px + r.xi, r.n, r.whole) - mu[0];
       return std::array<vec<acc_t>, 2>{d, d * d};
     });
     for (int64_t c = 0; c < g.C; ++c) {  // the first mean's rounding error, removed from both
@@ -230,7 +225,8 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       for_each_run(g, t, [&](const Run& r, const auto& ab) FB_LAMBDA_INLINE {
-        simd::store_activated<ACT, acc_t>(py + r.oi, load<acc_t>(px + r.xi, r) * ab[0] + ab[1], r.n);
+        const vec<acc_t> xv = simd::load_n<acc_t>(px + r.xi, r.n, r.whole);
+        simd::store_activated<ACT, acc_t>(py + r.oi, xv * ab[0] + ab[1], r.n);
       });
     });
   });
@@ -256,9 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       constexpr int ACT = decltype(act)::value;
       // g = dy * act'(u) with u = x * scale + shift recomputed from x; returns g and x - mean
       auto grad_u = [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
-        const vec<acc_t> xv = load<acc_t>(px + r.xi, r);
-        return std::array<vec<acc_t>, 2>{load<acc_t>(pdy + r.oi, r) * simd::activate_grad<ACT, acc_t>(xv * p[0] + p[1]),
-                                         xv - p[2]};
+        const vec<acc_t> xv = simd::load_n<acc_t>(px + r.xi, r.n, r.whole);
+        const vec<acc_t> dy = simd::load_n<acc_t>(pdy + r.oi, r.n, r.whole);
+        return std::array<vec<acc_t>, 2>{dy * simd::activate_grad<ACT, acc_t>(xv * p[0] + p[1]), xv - p[2]};
       };
       auto sums = channel_sums<acc_t, 2>(g, t, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
         const auto [d, xmu] = grad_u(r, p);

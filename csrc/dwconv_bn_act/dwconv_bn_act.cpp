@@ -104,6 +104,9 @@ constexpr int64_t kTableSlack = simd::lanes<float>;  // the widest vector, in el
 
 at::Tensor with_slack(const at::Tensor& v) { return at::cat({v.reshape(-1), at::zeros({kTableSlack}, v.options())}); }
 
+// A per-channel table as the kernels read it: with slack for the channels_last vector loads.
+at::Tensor channel_table(const at::Tensor& v, const DWGeometry& g) { return g.channels_last ? with_slack(v) : v; }
+
 // The conv weight as the kernels read it, optionally with a per-channel scale folded in
 // (scale * conv(x, w) = conv(x, scale * w)): [C, K*K] for NCHW, [K*K, C] (channels innermost, with
 // slack) for channels_last.
@@ -118,8 +121,7 @@ template <int ACT, typename scalar_t, typename acc_t>
 FB_SIMD_INLINE std::pair<simd::vec<acc_t>, simd::vec<acc_t>> grad_through_act(const acc_t* z, const scalar_t* dy, int n,
                                                                               bool whole, const simd::vec<acc_t>& s,
                                                                               const simd::vec<acc_t>& t) {
-  const simd::vec<acc_t> zv = whole ? simd::load<acc_t>(z) : simd::load_partial<acc_t>(z, n);
-  const simd::vec<acc_t> dv = whole ? simd::load<acc_t>(dy) : simd::load_partial<acc_t>(dy, n);
+  const simd::vec<acc_t> zv = simd::load_n<acc_t>(z, n, whole), dv = simd::load_n<acc_t>(dy, n, whole);
   return {dv * simd::activate_grad<ACT, acc_t>(s * zv + t), zv};
 }
 
@@ -571,7 +573,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   dwconv::check_channel_param(shift, x, g, "shift");
   at::Tensor y = dwconv::empty_output(x, g);
   if (y.numel() == 0) return y;
-  const at::Tensor wt = weight_table(weight, g, scale), bias = g.channels_last ? with_slack(shift) : shift;
+  const at::Tensor wt = weight_table(weight, g, scale), bias = channel_table(shift, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -613,8 +615,7 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_grad_stats_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    auto table = [&](const at::Tensor& v) { return g.channels_last ? with_slack(v) : v; };  // vector reads
-    const at::Tensor s_t = table(scale), t_t = table(shift), c_t = table(center);
+    const at::Tensor s_t = channel_table(scale, g), t_t = channel_table(shift, g), c_t = channel_table(center, g);
     const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
                 *pc = c_t.const_data_ptr<acc_t>();
     acc_t *psg = sum_g.mutable_data_ptr<acc_t>(), *psgz = sum_gz.mutable_data_ptr<acc_t>();
@@ -662,8 +663,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    auto table = [&](const at::Tensor& v) { return g.channels_last ? with_slack(v) : v; };  // vector reads
-    const at::Tensor s_t = table(scale), t_t = table(shift), p_t = table(p), q_t = table(q);
+    const at::Tensor s_t = channel_table(scale, g), t_t = channel_table(shift, g), p_t = channel_table(p, g),
+                     q_t = channel_table(q, g);
     const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
                 *pp = p_t.const_data_ptr<acc_t>(), *pq = q_t.const_data_ptr<acc_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
