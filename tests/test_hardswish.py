@@ -239,18 +239,40 @@ def test_import_without_extension_warns_once_and_torch_backend_works():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
-def test_inference_calls_skip_the_registered_op_only_when_nothing_needs_it():
-    """direct_call_ok: the op's implementation runs directly only without autograd, tracing or subclasses."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_custom_op_skips_its_registration_only_in_plain_eager_calls():
+    """CustomOp runs its implementation directly (no autograd: as is; autograd: in a Function of its
+    own) and the registered op under FakeTensorMode and torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from fastblocks.ops._common import direct_call_ok
-    x, p = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3))
-    assert direct_call_ok(x, p.detach())
-    assert not direct_call_ok(x, p)  # p needs a gradient
-    with torch.no_grad():
-        assert direct_call_ok(x, p)
-        with FakeTensorMode() as mode:
-            assert not direct_call_ok(mode.from_tensor(x))
-    calls = []
-    torch.compile(lambda t: calls.append(direct_call_ok(t)) or t, backend="eager", fullgraph=False)(x)
-    assert calls == [False]
+    from fastblocks.ops._common import CustomOp
+
+    def triple(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    op = CustomOp("fastblocks_test::triple", triple)
+    op.register_fake(lambda x: torch.empty_like(x))
+    op.register_autograd(lambda ctx, grad: grad * 3, setup_context=lambda ctx, inputs, output: None)
+
+    def dispatched(*args) -> tuple[torch.Tensor, bool]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = op(*args)
+        return y, any(e.name == "fastblocks_test::triple" for e in prof.events())
+
+    x = torch.randn(5)
+    y, through_op = dispatched(x)
+    assert not through_op and y.grad_fn is None and torch.equal(y, x * 3)
+    xg = x.clone().requires_grad_()
+    y, through_op = dispatched(xg)
+    assert not through_op and type(y.grad_fn).__name__ == "tripleBackward"
+    y.sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(x, 3.0))
+    with FakeTensorMode() as mode:
+        assert isinstance(op(mode.from_tensor(x)), FakeTensor)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    assert torch.equal(torch.compile(lambda t: op(t) + 1, backend=backend, fullgraph=True)(x), x * 3 + 1)
+    assert any(n.target is torch.ops.fastblocks_test.triple.default for n in graphs[0].graph.nodes)

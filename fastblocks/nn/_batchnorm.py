@@ -31,8 +31,8 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
         else:
             factor = bn.momentum
         unbiased = var * (count / max(count - 1, 1))
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
 
 
 def batch_norm_act(bn: nn.BatchNorm2d, x: Tensor, activation: str, impl: str | None) -> Tensor:

@@ -49,15 +49,57 @@ def like(t: Tensor, ref: Tensor) -> Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
-def direct_call_ok(*tensors: Tensor) -> bool:
-    """Whether an op's Python implementation may run directly instead of through its registered op.
-
-    The registration (``torch.library.custom_op``) adds autograd, torch.compile / FX tracing and
-    tensor-subclass handling. With no gradient to record, nothing tracing and plain tensors it is
-    dispatch overhead only (~30 us a call on CPU, as long as the kernel for small inputs), so
-    inference skips it.
-    """
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+def _plain_eager(args) -> bool:
+    """No torch.compile / export / FX tracing, dispatch mode or functorch transform is active, and
+    every tensor argument is a plain tensor or parameter (not a subclass)."""
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
         return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) in (Tensor, nn.Parameter) and not (grad and t.requires_grad) for t in tensors)
+    return all(type(a) in (Tensor, nn.Parameter) for a in args if isinstance(a, Tensor))
+
+
+class CustomOp:
+    """A ``torch.library.custom_op`` that plain eager calls skip.
+
+    The registration gives autograd, torch.compile / export / FX tracing, dispatch modes and tensor
+    subclasses. A plain eager call needs none of it but pays for it: custom-op dispatch and its
+    autograd wrapper cost ~100-250 us per call on CPU, as long as a kernel on a small input (enough
+    to make a small model train slower than eager). So calling a ``CustomOp`` runs the Python
+    implementation directly when nothing but plain tensors is involved: as it is when no gradient
+    is recorded, inside a ``torch.autograd.Function`` built from the same ``setup_context`` and
+    ``backward`` when one is. Everything else goes through the registered op (``.op``).
+    """
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+        self.op = torch.library.custom_op(name, fn, mutates_args=())
+        self._function = None
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def register_autograd(self, backward, *, setup_context) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+
+        def forward(ctx, *inputs):
+            output = fn(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        node_name = self.name.split("::")[-1]  # autograd graphs and profiles say which op
+        self._function = type(node_name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                                       "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            # no autograd of our own (a backward op under create_graph): the registered op decides
+            return self._function.apply(*args) if self._function is not None else self.op(*args)
+        return self.fn(*args)
+
+
+def custom_op(name: str):
+    """Decorator: ``torch.library.custom_op(name, mutates_args=())`` as a :class:`CustomOp`."""
+    return lambda fn: CustomOp(name, fn)

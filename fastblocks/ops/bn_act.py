@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, direct_call_ok, like
+from fastblocks.ops._common import check_tensor, custom_op, like
 from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
 from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _torch_act, _torch_act_backward
 
@@ -47,9 +47,9 @@ def _slice_layout(x: Tensor) -> bool | None:
     """False for NCHW (each image contiguous), True for channels_last (each pixel's channels
     contiguous, uniform pixel stride), None otherwise. Mirrors geometry() in csrc/bn_act/bn_act.h."""
     N, C, H, W = x.shape
-    if x.numel() == 0 or x[0].is_contiguous():
-        return False
     sN, sC, sH, sW = x.stride()
+    if x.numel() == 0 or ((W == 1 or sW == 1) and (H == 1 or sH == W) and (C == 1 or sC == H * W)):
+        return False  # x[0].is_contiguous(), without making the view (this runs several times per call)
     s = sW if W > 1 else sH if H > 1 else sN if N > 1 else C
     nhwc = (C == 1 or sC == 1) and (W == 1 or sW == s) and (H == 1 or sH == W * s) and (N == 1 or sN == H * W * s)
     return True if nhwc else None
@@ -313,7 +313,7 @@ def bn_act_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weigh
 # Registered ops: torch.ops.fastblocks.* with fake kernels and autograd.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastblocks::bn_act_stats", mutates_args=())
+@custom_op("fastblocks::bn_act_stats")
 def _stats_op(x: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     return batch_stats(x, impl)
 
@@ -324,7 +324,7 @@ def _(x, impl):
     return mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("fastblocks::bn_act", mutates_args=())
+@custom_op("fastblocks::bn_act")
 def _bn_act_op(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, batch_stats: bool,
                activation: str, impl: str) -> Tensor:
     return bn_act_forward(x, mean, invstd, weight, bias, activation, impl)
@@ -335,7 +335,7 @@ def _(x, mean, invstd, weight, bias, batch_stats, activation, impl):
     return _empty_out(*_normalise(x))
 
 
-@torch.library.custom_op("fastblocks::bn_act_backward", mutates_args=())
+@custom_op("fastblocks::bn_act_backward")
 def _bn_act_backward_op(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
                         batch_stats: bool, activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     return bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation, impl)
@@ -354,8 +354,8 @@ def _setup(ctx, inputs, output):
 def _grad(ctx, grad):
     x, mean, invstd, weight, bias = ctx.saved_tensors
     grad = like(grad, _empty_out(*_normalise(x)))
-    dx, dweight, dbias = torch.ops.fastblocks.bn_act_backward(grad, x, mean, invstd, weight, bias,
-                                                              ctx.batch_stats, ctx.activation, ctx.impl)
+    dx, dweight, dbias = _bn_act_backward_op(grad, x, mean, invstd, weight, bias, ctx.batch_stats, ctx.activation,
+                                             ctx.impl)
     return dx, None, None, dweight, dbias, None, None, None
 
 
@@ -402,16 +402,13 @@ def bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     impl = resolve("bn_act", impl, x)
     if use_batch:
         xd = x.detach()
-        mean, var = batch_stats(xd, impl) if direct_call_ok(xd) else torch.ops.fastblocks.bn_act_stats(xd, impl)
+        mean, var = _stats_op(xd, impl)
     else:
         mean, var = running_mean.to(dtype), running_var.to(dtype)
     weight = torch.ones(C, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
     bias = torch.zeros(C, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
     invstd = torch.rsqrt(var + eps)
-    if direct_call_ok(x, weight, bias):
-        return bn_act_forward(x, mean, invstd, weight, bias, activation, impl), mean, var
-    y = torch.ops.fastblocks.bn_act(x, mean, invstd, weight, bias, use_batch, activation, impl)
-    return y, mean, var
+    return _bn_act_op(x, mean, invstd, weight, bias, use_batch, activation, impl), mean, var
 
 
 __all__ = ["ACTIVATIONS", "batch_stats", "bn_act", "bn_act_backward", "bn_act_forward", "stat_dtype"]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_same, check_tensor, dense, direct_call_ok, is_channels_last, like, nchw_or_nhwc
+from fastblocks.ops._common import CustomOp, check_same, check_tensor, custom_op, dense, is_channels_last, like, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, grid1d, tile_offsets, tl, triton
 
 register_op("hardswish", "hardswish_forward")
@@ -178,22 +178,22 @@ def _act_backward(grad: Tensor, x: Tensor, impl: str, hardswish: bool) -> Tensor
     return _ext.op("hardswish_backward" if hardswish else "hardsigmoid_backward")(grad, x)
 
 
-@torch.library.custom_op("fastblocks::hardswish", mutates_args=())
+@custom_op("fastblocks::hardswish")
 def _hardswish_op(x: Tensor, impl: str) -> Tensor:
     return _act_forward(x, impl, hardswish=True)
 
 
-@torch.library.custom_op("fastblocks::hardswish_backward", mutates_args=())
+@custom_op("fastblocks::hardswish_backward")
 def _hardswish_backward_op(grad: Tensor, x: Tensor, impl: str) -> Tensor:
     return _act_backward(grad, x, impl, hardswish=True)
 
 
-@torch.library.custom_op("fastblocks::hardsigmoid", mutates_args=())
+@custom_op("fastblocks::hardsigmoid")
 def _hardsigmoid_op(x: Tensor, impl: str) -> Tensor:
     return _act_forward(x, impl, hardswish=False)
 
 
-@torch.library.custom_op("fastblocks::hardsigmoid_backward", mutates_args=())
+@custom_op("fastblocks::hardsigmoid_backward")
 def _hardsigmoid_backward_op(grad: Tensor, x: Tensor, impl: str) -> Tensor:
     return _act_backward(grad, x, impl, hardswish=False)
 
@@ -216,11 +216,11 @@ def _save_x(ctx, inputs, output):
 
 
 def _hardswish_grad(ctx, grad):
-    return torch.ops.fastblocks.hardswish_backward(grad, ctx.saved_tensors[0], ctx.impl), None
+    return _hardswish_backward_op(grad, ctx.saved_tensors[0], ctx.impl), None
 
 
 def _hardsigmoid_grad(ctx, grad):
-    return torch.ops.fastblocks.hardsigmoid_backward(grad, ctx.saved_tensors[0], ctx.impl), None
+    return _hardsigmoid_backward_op(grad, ctx.saved_tensors[0], ctx.impl), None
 
 
 _hardswish_op.register_autograd(_hardswish_grad, setup_context=_save_x)
@@ -236,10 +236,10 @@ def _gate_forward(x: Tensor, g: Tensor, impl: str) -> Tensor:
     return _ext.op("hardsigmoid_gate_forward")(x, g)
 
 
-_gate_op = torch.library.custom_op("fastblocks::hardsigmoid_gate", _gate_forward, mutates_args=())
+_gate_op = CustomOp("fastblocks::hardsigmoid_gate", _gate_forward)
 
 
-@torch.library.custom_op("fastblocks::hardsigmoid_gate_backward", mutates_args=())
+@custom_op("fastblocks::hardsigmoid_gate_backward")
 def _gate_backward_op(grad: Tensor, x: Tensor, g: Tensor, impl: str) -> tuple[Tensor, Tensor]:
     x = nchw_or_nhwc(x)
     grad = like(grad, x)
@@ -273,7 +273,7 @@ def _gate_setup(ctx, inputs, output):
 
 def _gate_grad(ctx, grad):
     x, g = ctx.saved_tensors
-    dx, dg = torch.ops.fastblocks.hardsigmoid_gate_backward(grad, x, g, ctx.impl)
+    dx, dg = _gate_backward_op(grad, x, g, ctx.impl)
     return dx, dg, None
 
 
@@ -288,14 +288,14 @@ def hardswish(x: Tensor, impl: str | None = "auto") -> Tensor:
     """``x * clamp(x + 3, 0, 6) / 6``, equal to ``F.hardswish``; ``impl`` picks the backend."""
     check_tensor(x, "x")
     impl = resolve("hardswish", impl, x)
-    return _act_forward(x, impl, hardswish=True) if direct_call_ok(x) else _hardswish_op(x, impl)
+    return _hardswish_op(x, impl)
 
 
 def hardsigmoid(x: Tensor, impl: str | None = "auto") -> Tensor:
     """``clamp(x / 6 + 1/2, 0, 1)``, equal to ``F.hardsigmoid``; ``impl`` picks the backend."""
     check_tensor(x, "x")
     impl = resolve("hardsigmoid", impl, x)
-    return _act_forward(x, impl, hardswish=False) if direct_call_ok(x) else _hardsigmoid_op(x, impl)
+    return _hardsigmoid_op(x, impl)
 
 
 def hardsigmoid_gate(x: Tensor, g: Tensor, impl: str | None = "auto") -> Tensor:
@@ -307,4 +307,4 @@ def hardsigmoid_gate(x: Tensor, g: Tensor, impl: str | None = "auto") -> Tensor:
     if g.shape not in ((N, C), (N, C, 1, 1)):
         raise ValueError(f"g must have shape [N, C] = [{N}, {C}] or [N, C, 1, 1], got {tuple(g.shape)}")
     g = g.reshape(N, C).contiguous()
-    return (_gate_forward if direct_call_ok(x, g) else _gate_op)(x, g, resolve("hardsigmoid_gate", impl, x))
+    return _gate_op(x, g, resolve("hardsigmoid_gate", impl, x))

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, direct_call_ok, is_channels_last, nchw_or_nhwc
+from fastblocks.ops._common import CustomOp, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
 from fastblocks.ops._triton import tl, triton
 
 register_op("shift", "shift_forward")
@@ -183,10 +183,10 @@ def _shift_forward(x: Tensor, kernel_size: int, dilation: int, stride: int, impl
     return _ext.op("shift_forward")(x, kernel_size, dilation, stride)
 
 
-_shift_op = torch.library.custom_op("fastblocks::shift", _shift_forward, mutates_args=())
+_shift_op = CustomOp("fastblocks::shift", _shift_forward)
 
 
-@torch.library.custom_op("fastblocks::shift_backward", mutates_args=())
+@custom_op("fastblocks::shift_backward")
 def _shift_backward_op(grad: Tensor, kernel_size: int, dilation: int, stride: int, height: int, width: int,
                        impl: str) -> Tensor:
     grad = nchw_or_nhwc(grad)
@@ -215,8 +215,7 @@ def _shift_setup(ctx, inputs, output):
 
 
 def _shift_grad(ctx, grad):
-    dx = torch.ops.fastblocks.shift_backward(grad, ctx.kernel_size, ctx.dilation, ctx.stride, ctx.height,
-                                             ctx.width, ctx.impl)
+    dx = _shift_backward_op(grad, ctx.kernel_size, ctx.dilation, ctx.stride, ctx.height, ctx.width, ctx.impl)
     return dx, None, None, None, None
 
 
@@ -225,7 +224,7 @@ def _shift_backward_setup(ctx, inputs, output):
 
 
 def _shift_backward_grad(ctx, grad):  # the adjoint of the adjoint is the shift (double backward)
-    return torch.ops.fastblocks.shift(grad, ctx.kernel_size, ctx.dilation, ctx.stride, ctx.impl), *[None] * 6
+    return _shift_op(grad, ctx.kernel_size, ctx.dilation, ctx.stride, ctx.impl), *[None] * 6
 
 
 _shift_op.register_autograd(_shift_grad, setup_context=_shift_setup)
@@ -255,5 +254,4 @@ def shift(x: Tensor, kernel_size: int = 3, dilation: int = 1, stride: int = 1, i
     _check_int(kernel_size, "kernel_size", odd=True)
     _check_int(dilation, "dilation")
     _check_int(stride, "stride")
-    shift_fn = _shift_forward if direct_call_ok(x) else _shift_op
-    return shift_fn(x, kernel_size, dilation, stride, resolve("shift", impl, x))
+    return _shift_op(x, kernel_size, dilation, stride, resolve("shift", impl, x))

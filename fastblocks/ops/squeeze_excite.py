@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, direct_call_ok, is_channels_last, like, nchw_or_nhwc
+from fastblocks.ops._common import CustomOp, check_tensor, custom_op, is_channels_last, like, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, tile_offsets, tl, triton
 
 register_op("squeeze_excite", "squeeze_excite_forward")
@@ -213,10 +213,10 @@ def _se_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activ
     return _gate(x, SCALE_ACTIVATIONS[scale_activation][0](z), None, impl)
 
 
-_se_op = torch.library.custom_op("fastblocks::squeeze_excite", _se_forward, mutates_args=())
+_se_op = CustomOp("fastblocks::squeeze_excite", _se_forward)
 
 
-@torch.library.custom_op("fastblocks::squeeze_excite_backward", mutates_args=())
+@custom_op("fastblocks::squeeze_excite_backward")
 def _se_backward_op(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str,
                     scale_activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x = nchw_or_nhwc(x)
@@ -253,8 +253,7 @@ def _se_setup(ctx, inputs, output):
 
 
 def _se_grad(ctx, grad):
-    grads = torch.ops.fastblocks.squeeze_excite_backward(grad, *ctx.saved_tensors, ctx.activation,
-                                                         ctx.scale_activation, ctx.impl)
+    grads = _se_backward_op(grad, *ctx.saved_tensors, ctx.activation, ctx.scale_activation, ctx.impl)
     return *grads, None, None, None
 
 
@@ -304,8 +303,7 @@ def squeeze_excite(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ac
     ``scale_activation`` "sigmoid" or "hardsigmoid". Equal to torchvision's ``SqueezeExcitation``.
     """
     w1, b1, w2, b2 = _checked(x, w1, b1, w2, b2, activation, scale_activation)
-    se = _se_forward if direct_call_ok(x, w1, b1, w2, b2) else _se_op
-    return se(x, w1, b1, w2, b2, activation, scale_activation, resolve("squeeze_excite", impl, x))
+    return _se_op(x, w1, b1, w2, b2, activation, scale_activation, resolve("squeeze_excite", impl, x))
 
 
 class _SqueezeExciteConv1x1(torch.autograd.Function):
@@ -330,7 +328,7 @@ class _SqueezeExciteConv1x1(torch.autograd.Function):
             [need_dx, ctx.needs_input_grad[5], False])
         grads = (None,) * 5
         if need_dx:
-            grads = torch.ops.fastblocks.squeeze_excite_backward(d_se.to(x.dtype), x, w1, b1, w2, b2, *ctx.se_args)
+            grads = _se_backward_op(d_se.to(x.dtype), x, w1, b1, w2, b2, *ctx.se_args)
         d_weight = d_weight.to(weight.dtype) if d_weight is not None else None
         return *grads, d_weight, None, None, None
 
@@ -350,6 +348,6 @@ def squeeze_excite_conv1x1(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
     if weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"weight must be a 1x1 conv weight [O, {x.shape[1]}, 1, 1], got {tuple(weight.shape)}")
     impl = resolve("squeeze_excite", impl, x)
-    if direct_call_ok(x, w1, b1, w2, b2, weight):  # nothing to save: the plain two calls
-        return F.conv2d(_se_forward(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, weight))):
+        return F.conv2d(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)  # nothing to save
     return _SqueezeExciteConv1x1.apply(x, w1, b1, w2, b2, weight, activation, scale_activation, impl)
