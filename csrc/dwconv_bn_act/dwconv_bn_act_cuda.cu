@@ -303,20 +303,29 @@ void dispatch(const at::Tensor& x, int64_t K, int64_t act, const char* name, F&&
   });
 }
 
+// Per-channel mean and biased variance from the stats kernel's partials: rows of (mean, M2 = sum of
+// squared deviations from that mean) over count[row] values (Chan et al.).
+std::tuple<at::Tensor, at::Tensor> combine_mean_m2(const at::Tensor& mean, const at::Tensor& m2,
+                                                   const at::Tensor& count) {
+  const at::Tensor total = count.sum(), weight = count.unsqueeze(1);
+  const at::Tensor combined = (mean * weight).sum(0) / total;
+  const at::Tensor spread = (weight * (mean - combined).square()).sum(0);
+  return {combined, (m2.sum(0) + spread) / total};
+}
+
 template <typename acc_t>
 const acc_t* cptr(const at::Tensor& t) {
   return t.const_data_ptr<acc_t>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation) {
+std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   const ReduceShape r = reduce_shape(g);
   const auto opts = weight.options();
   at::Tensor mean = at::zeros({g.N * r.splits, g.C}, opts), m2 = at::zeros({g.N * r.splits, g.C}, opts);
   at::Tensor count = at::zeros({g.N * r.splits}, opts);
-  if (x.numel() == 0) return {mean, m2, count};
+  if (x.numel() == 0) return combine_mean_m2(mean, m2, count);
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch(x, g.K, kIdentity, "dwconv_bn_stats_cuda", [&](auto s, auto k, auto) {
     using scalar_t = decltype(s);
@@ -327,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, c
             m2.mutable_data_ptr<acc_t>(), count.mutable_data_ptr<acc_t>(), g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, m2, count};
+  return combine_mean_m2(mean, m2, count);
 }
 
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
@@ -361,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cuda(const at::Tensor& grad, const
   dwconv::check_grad(grad, x, g);
   const ReduceShape r = reduce_shape(g);
   at::Tensor sum_g = at::zeros({g.N * r.splits, g.C}, weight.options()), sum_gz = at::zeros_like(sum_g);
-  if (grad.numel() == 0) return {sum_g, sum_gz};
+  if (grad.numel() == 0) return {sum_g.sum(0), sum_gz.sum(0)};
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch(x, g.K, act, "dwconv_affine_act_grad_stats_cuda", [&](auto s, auto k, auto a) {
     using scalar_t = decltype(s);
@@ -373,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cuda(const at::Tensor& grad, const
             g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_g, sum_gz};
+  return {sum_g.sum(0), sum_gz.sum(0)};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
@@ -386,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
   dwconv::check_grad(grad, x, g);
   const ReduceShape r = reduce_shape(g);
   at::Tensor dw = at::zeros({g.N * r.splits, g.C, g.K, g.K}, weight.options());
-  if (grad.numel() == 0 || x.numel() == 0) return {at::zeros_like(x), dw};
+  if (grad.numel() == 0 || x.numel() == 0) return {at::zeros_like(x), at::zeros_like(weight)};
   at::Tensor dx = at::empty_like(x), dz = at::empty_like(grad);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -403,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
         dz.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), dx.mutable_data_ptr<scalar_t>(), g, x.numel());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {dx, dw};
+  return {dx, dw.sum(0).view(weight.sizes())};
 }
 
 }  // namespace

@@ -17,10 +17,11 @@ for x, weight and, through the fold, bn_weight / bn_bias.
 
 Both are built from four kernels with one algebra, ``u = scale[c] * z + shift[c]`` (training:
 scale = gamma * invstd, shift = beta - mean * scale; eval: the running-statistics fold):
-``stats`` (partial mean / M2 of z), ``forward`` (y), ``grad_stats`` (partial sums of g and
-g * (z - center)), ``backward`` (dx and partial dweight for dz = scale * g + p[c] + q[c] * z).
-Triton and the compiled extension (C++ on CPU, CUDA on GPU) implement the four; reductions return
-per-tile partials that :func:`_combine_stats` / ``sum(0)`` finish. The ``torch`` backend is aten
+``stats`` (per-channel mean and variance of z), ``forward`` (y), ``grad_stats`` (per-channel sums of
+g and g * (z - center)), ``backward`` (dx and dweight for dz = scale * g + p[c] + q[c] * z). Triton
+and the compiled extension (C++ on CPU, CUDA on GPU) implement the four; their reductions write
+per-tile partials that a few tensor ops finish (:func:`_combine_stats`, ``sum(0)``; in C++ for the
+extension, which keeps the per-call host work of small layers low). The ``torch`` backend is aten
 conv + batch_norm + activation with aten's backward ops, recomputing z instead of saving it.
 
 The kernels take square kernel sizes 3, 5 and 7; other sizes run on the torch backend (``auto``
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_same, check_tensor, direct_call_ok, is_channels_last, nchw_or_nhwc
+from fastblocks.ops._common import CustomOp, check_same, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
 
 register_op("dwconv_bn_act", "dwconv_affine_act_forward")
@@ -306,7 +307,7 @@ class _TritonKernels:
         pixels = y.shape[2] * y.shape[3]
         tiles = rows // max(x.shape[0], 1)
         count = (pixels - torch.arange(tiles, device=x.device, dtype=w.dtype) * block_p).clamp(max=block_p)
-        return mean, m2, count.repeat(x.shape[0])
+        return _combine_stats(mean, m2, count.repeat(x.shape[0]))
 
     def forward(self, x, w, scale, shift, geom, act):
         y = _empty_output(x, w, *geom)
@@ -319,7 +320,7 @@ class _TritonKernels:
         sum_g, sum_gz = (x.new_empty((rows, x.shape[1]), dtype=w.dtype) for _ in range(2))
         self._launch(_grad_stats_kernel, x, grad, grad, (grad, x, w, scale, shift, center, sum_g, sum_gz), geom,
                      out_strides=grad.stride(), ACT=ACTIVATIONS.index(act), K=w.shape[-1])
-        return sum_g, sum_gz
+        return sum_g.sum(0), sum_gz.sum(0)
 
     def backward(self, grad, x, w, scale, shift, p, q, geom, act):
         K = w.shape[-1]
@@ -330,7 +331,7 @@ class _TritonKernels:
                      out_strides=grad.stride(), ACT=ACTIVATIONS.index(act), K=K)
         dx = torch.zeros_like(x) if grad.numel() == 0 else torch.empty_like(x)
         self._launch(_dx_kernel, x, grad, x, (dz, w, dx), geom, out_strides=dz.stride(), K=K)
-        return dx, dw
+        return dx, dw.sum(0).view_as(w)
 
 
 class _ExtKernels:
@@ -357,7 +358,7 @@ _KERNELS = {"triton": _TritonKernels(), "cpp": _ExtKernels(), "cuda": _ExtKernel
 # for fp64 x); mean / invstd come back in that dtype. ``impl`` is a resolved backend name.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastblocks::dwconv_bn_act_train", mutates_args=())
+@custom_op("fastblocks::dwconv_bn_act_train")
 def _train_op(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float, stride: list[int],
               padding: list[int], dilation: list[int], activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     x = nchw_or_nhwc(x)
@@ -368,13 +369,13 @@ def _train_op(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps
         y = _torch_act(u, activation).contiguous(memory_format=_memory_format(x))
         return y, mean.to(weight.dtype), invstd.to(weight.dtype)
     kernels = _KERNELS[impl]
-    mean, var = _combine_stats(*kernels.stats(x, weight, geom))
+    mean, var = kernels.stats(x, weight, geom)
     invstd = torch.rsqrt(var + eps)
     scale, shift = _train_affine(bn_weight, bn_bias, mean, invstd)
     return kernels.forward(x, weight, scale, shift, geom, activation), mean, invstd
 
 
-@torch.library.custom_op("fastblocks::dwconv_bn_act_train_backward", mutates_args=())
+@custom_op("fastblocks::dwconv_bn_act_train_backward")
 def _train_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: Tensor,
                        invstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], activation: str,
                        impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -389,11 +390,11 @@ def _train_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tenso
                                                                       True, 0.0, [True, True, True])
         return *_torch_conv_backward(dz, x, weight, *geom), dgamma, dbeta
     kernels = _KERNELS[impl]
-    sum_g, sum_gzc = (t.sum(0) for t in kernels.grad_stats(grad, x, weight, scale, shift, mean, geom, activation))
+    sum_g, sum_gzc = kernels.grad_stats(grad, x, weight, scale, shift, mean, geom, activation)
     count = grad.shape[0] * grad.shape[2] * grad.shape[3]
     p, q, dgamma, dbeta = _bn_backward_coefficients(scale, invstd, mean, sum_g, sum_gzc, count)
     dx, dw = kernels.backward(grad, x, weight, scale, shift, p, q, geom, activation)
-    return dx, dw.sum(0).view_as(weight), dgamma, dbeta
+    return dx, dw, dgamma, dbeta
 
 
 @_train_op.register_fake
@@ -416,7 +417,7 @@ def _train_setup(ctx, inputs, output):
 
 
 def _train_grad(ctx, grad, _grad_mean, _grad_invstd):
-    grads = torch.ops.fastblocks.dwconv_bn_act_train_backward(grad, *ctx.saved_tensors, *ctx.args)
+    grads = _train_backward_op(grad, *ctx.saved_tensors, *ctx.args)
     return *grads, None, None, None, None, None, None
 
 
@@ -434,10 +435,10 @@ def _affine_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, str
     return _KERNELS[impl].forward(x, weight, scale, shift, geom, activation)
 
 
-_affine_op = torch.library.custom_op("fastblocks::dwconv_affine_act", _affine_forward, mutates_args=())
+_affine_op = CustomOp("fastblocks::dwconv_affine_act", _affine_forward)
 
 
-@torch.library.custom_op("fastblocks::dwconv_affine_act_backward", mutates_args=())
+@custom_op("fastblocks::dwconv_affine_act_backward")
 def _affine_backward_op(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: list[int],
                         padding: list[int], dilation: list[int], activation: str, affine_grad: bool,
                         impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -454,9 +455,8 @@ def _affine_backward_op(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, 
     kernels = _KERNELS[impl]
     dscale, dshift = zero, zero.clone()  # distinct outputs: a custom op may not return aliases
     if affine_grad:
-        dshift, dscale = (t.sum(0) for t in kernels.grad_stats(grad, x, weight, scale, shift, zero, geom, activation))
-    dx, dw = kernels.backward(grad, x, weight, scale, shift, zero, zero, geom, activation)
-    return dx, dw.sum(0).view_as(weight), dscale, dshift
+        dshift, dscale = kernels.grad_stats(grad, x, weight, scale, shift, zero, geom, activation)
+    return *kernels.backward(grad, x, weight, scale, shift, zero, zero, geom, activation), dscale, dshift
 
 
 @_affine_op.register_fake
@@ -477,7 +477,7 @@ def _affine_setup(ctx, inputs, output):
 def _affine_grad(ctx, grad):
     affine_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     *geom_act, impl = ctx.args
-    grads = torch.ops.fastblocks.dwconv_affine_act_backward(grad, *ctx.saved_tensors, *geom_act, affine_grad, impl)
+    grads = _affine_backward_op(grad, *ctx.saved_tensors, *geom_act, affine_grad, impl)
     return *grads, None, None, None, None, None
 
 
@@ -574,5 +574,4 @@ def _dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, bat
         return y, (mean, invstd ** -2 - eps, count)
     scale = gamma * torch.rsqrt(running_var.to(acc) + eps)
     shift = beta - running_mean.to(acc) * scale
-    affine = _affine_forward if direct_call_ok(x, w, scale, shift) else _affine_op
-    return affine(x, w, scale, shift, *geom, activation, backend), None
+    return _affine_op(x, w, scale, shift, *geom, activation, backend), None
