@@ -25,6 +25,8 @@ CASES = [
     ((1, 240, 7, 7), 3, 1, "hardswish", 1e-3, 0.01, False),  # MobileNetV3-Large 240-channel 3x3
     ((2, 40, 5, 23), 3, 1, "silu", 1e-5, 0.1, False),     # C % 16 != 0 with wide rows (CPU vector tails, pixel blocks)
     ((1, 24, 9, 30), 5, 2, "relu", 1e-5, 0.1, False),
+    ((2, 32, 13, 16), 5, 1, "hardswish", 1e-5, 0.1, False),  # CPU register-blocked paths: 8-pixel runs (CL),
+    ((1, 20, 12, 17), 7, 1, "relu6", 1e-3, 0.1, False),      # 8- and 4-row blocks plus leftover rows (NCHW)
 ]
 
 

@@ -223,17 +223,51 @@ struct PaddedPlane {
   }
 };
 
+// Unit stride and dilation: R output rows of one vector of columns (n of them kept). Output row p's tap
+// (kh, kw) reads padded row p + kh, so each input vector is loaded once for the (up to K) rows that read
+// it: K * (R + K - 1) loads for R * K * K FMAs instead of one load per FMA. src: the padded input at the
+// block's first row and column; out: the output at the same place.
+template <int K, int R, int ACT, typename acc_t, typename out_t>
+FB_SIMD_INLINE void conv_plane_rows(const acc_t* src, int64_t src_row, const acc_t* w, acc_t bias, out_t* out,
+                                    int64_t out_row, int n) {
+  simd::vec<acc_t> a[R];
+  for (int p = 0; p < R; ++p) a[p] = simd::broadcast(bias);
+#pragma GCC unroll 8
+  for (int kw = 0; kw < K; ++kw)
+#pragma GCC unroll 16
+    for (int r = 0; r < R + K - 1; ++r) {
+      const simd::vec<acc_t> v = simd::load<acc_t>(src + r * src_row + kw);
+#pragma GCC unroll 8
+      for (int kh = 0; kh < K; ++kh)
+        if (r - kh >= 0 && r - kh < R) a[r - kh] += w[kh * K + kw] * v;
+    }
+  for (int p = 0; p < R; ++p) simd::store_activated<ACT, acc_t>(out + p * out_row, a[p], n);
+}
+
 // out[oh, ow] = act(bias + sum over taps of w[kh, kw] * x_pad[oh * sh + kh * dh, ow * sw + kw * dw]).
-// The output is walked in vectors of L columns, kBlock vectors at a time (along the row, then on to the
-// next rows): independent accumulators, so the FMAs of successive taps do not wait on each other.
+// Unit stride and dilation: blocks of 8, then 4 rows by conv_plane_rows. The rest is walked in vectors
+// of L columns, kBlock vectors at a time (along the row, then on to the next rows): independent
+// accumulators, so the FMAs of successive taps do not wait on each other.
 template <int K, int ACT, typename acc_t, typename out_t>
 FB_CPU_MULTIVERSION void conv_plane(PaddedPlane<acc_t>& xp, const acc_t* w, acc_t bias, out_t* out) {
   constexpr int L = simd::lanes<acc_t>, kBlock = 4;
   const DWGeometry& g = xp.g;
+  int64_t oh = 0;
+  if (g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1) {
+    auto rows = [&](auto r) FB_LAMBDA_INLINE {
+      constexpr int R = decltype(r)::value;
+      for (; oh + R <= g.Ho; oh += R)
+        for (int64_t ow = 0; ow < g.Wo; ow += L)
+          conv_plane_rows<K, R, ACT>(xp.buf.data() + oh * xp.Wq + ow, xp.Wq, w, bias, out + oh * g.Wo + ow, g.Wo,
+                                     static_cast<int>(std::min<int64_t>(L, g.Wo - ow)));
+    };
+    rows(std::integral_constant<int, 8>{});
+    rows(std::integral_constant<int, 4>{});
+  }
   int64_t off[K * K];
   xp.template tap_offsets<K>(off);
   const int64_t per_row = (g.Wo + L - 1) / L, total = g.Ho * per_row;
-  for (int64_t v0 = 0, oh = 0, ow = 0; v0 < total; v0 += kBlock) {
+  for (int64_t v0 = oh * per_row, ow = 0; v0 < total; v0 += kBlock) {
     const int nb = static_cast<int>(std::min<int64_t>(kBlock, total - v0));
     int64_t in[kBlock] = {}, dst[kBlock];  // input offset of each vector's first tap-0 element, output offset
     int n[kBlock];
@@ -405,9 +439,47 @@ FB_SIMD_INLINE void sum_taps_nhwc(int nt, const src_t* src, const src_t* src_end
   }
 }
 
+// Unit column stride and dilation: out[p, c] for kRowPixels neighbouring output pixels and one vector of
+// channels, every column tap inside the image, kernel rows [kh_lo, kh_hi) inside it. Pixel p's tap kw
+// reads input column p + kw, so each input vector is loaded once for the (up to K) pixels that read it
+// and each weight vector once per row: (kRowPixels + K - 1) + K loads for K * kRowPixels FMAs, against
+// one load per FMA through the tap lists. x: the block's first input pixel in kernel row kh_lo; wt: [K*K, C].
+constexpr int kRowPixels = 8;  // independent accumulators: enough to cover the FMA latency
+
+template <int K, int ACT, typename scalar_t, typename acc_t, typename out_t>
+FB_SIMD_INLINE void conv_row_block(const scalar_t* x, int64_t row_step, int64_t C, int kh_lo, int kh_hi,
+                                   const acc_t* wt, const acc_t* bias, out_t* out) {
+  constexpr int L = simd::lanes<acc_t>;
+  simd::vec<acc_t> a[kRowPixels];
+  for (int p = 0; p < kRowPixels; ++p) a[p] = simd::load<acc_t>(bias);
+  for (int kh = kh_lo; kh < kh_hi; ++kh) {
+    const scalar_t* row = x + (kh - kh_lo) * row_step;
+    simd::vec<acc_t> w[K];
+    for (int kw = 0; kw < K; ++kw) w[kw] = simd::load<acc_t>(wt + (kh * K + kw) * C);
+#pragma GCC unroll 16
+    for (int j = 0; j < kRowPixels + K - 1; ++j) {
+      const simd::vec<acc_t> v = simd::load<acc_t>(row + j * C);
+#pragma GCC unroll 8
+      for (int kw = 0; kw < K; ++kw)
+        if (j - kw >= 0 && j - kw < kRowPixels) a[j - kw] += w[kw] * v;
+    }
+  }
+  for (int p = 0; p < kRowPixels; ++p) simd::store_activated<ACT, acc_t>(out + p * C, a[p], L);
+}
+
+template <int K, int ACT, typename scalar_t, typename acc_t, typename out_t>
+FB_SIMD_INLINE void conv_row_blocks(const DWGeometry& g, const scalar_t* x, int kh_lo, int kh_hi, const acc_t* wt,
+                                    const acc_t* bias, int64_t C_vec, out_t* out) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t c = 0; c < C_vec; c += L)
+    conv_row_block<K, ACT>(x + c, g.dh * g.W * g.C, g.C, kh_lo, kh_hi, wt + c, bias + c, out + c);
+}
+
 // out[ow, c] = act(bias[c] + sum over taps of wt[tap, c] * x[tap's pixel, c]) for output row oh of
 // one image (x_img: [H, W, C]; wt: [K*K, C]; out: [Wo, C]). Away from the left and right borders,
-// kPixels neighbouring outputs have the same taps, shifted by sw pixels, and are computed together.
+// neighbouring outputs have the same taps, shifted by sw pixels, and are computed together:
+// kRowPixels at a time by conv_row_block with unit column stride and dilation, else kPixels through
+// the tap lists.
 template <int ACT, typename scalar_t, typename acc_t, typename out_t>
 FB_CPU_MULTIVERSION void conv_row_nhwc(const DWGeometry& g, const scalar_t* x_img, const acc_t* wt, const acc_t* bias,
                                        int64_t oh, out_t* out) {
@@ -417,10 +489,27 @@ FB_CPU_MULTIVERSION void conv_row_nhwc(const DWGeometry& g, const scalar_t* x_im
   // outputs [ow_lo, ow_hi) have every tap column inside the input
   const int64_t ow_lo = (g.pw + g.sw - 1) / g.sw;
   const int64_t ow_hi = g.W - 1 + g.pw - (g.K - 1) * g.dw >= 0 ? (g.W - 1 + g.pw - (g.K - 1) * g.dw) / g.sw + 1 : 0;
+  // kernel rows [kh_lo, kh_hi) read rows inside the input
+  const int64_t ih0 = oh * g.sh - g.ph;
+  int kh_lo = 0, kh_hi = static_cast<int>(g.K);
+  while (kh_lo < kh_hi && ih0 + kh_lo * g.dh < 0) ++kh_lo;
+  while (kh_hi > kh_lo && ih0 + (kh_hi - 1) * g.dh >= g.H) --kh_hi;
+  const bool unit_columns = g.sw == 1 && g.dw == 1;
   int64_t x_off[kMaxTaps], w_off[kMaxTaps];
   for (int64_t ow = 0; ow < g.Wo;) {
     const int nt = output_taps(g, oh, ow, x_off, w_off);
-    if (ow >= ow_lo && ow + kPixels <= ow_hi) {
+    if (unit_columns && ow >= ow_lo && ow + kRowPixels <= ow_hi) {
+      const scalar_t* x = x_img + ((ih0 + kh_lo * g.dh) * g.W + ow - g.pw) * C;
+      out_t* o = out + ow * C;
+      switch (g.K) {
+        case 3: conv_row_blocks<3, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+        case 5: conv_row_blocks<5, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+        default: conv_row_blocks<7, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+      }
+      for (int p = 0; C_vec < C && p < kRowPixels; ++p)
+        sum_taps_nhwc<ACT>(nt, x_img + p * C, x_end, x_off, wt, w_off, bias, C, out + (ow + p) * C, C_vec);
+      ow += kRowPixels;
+    } else if (ow >= ow_lo && ow + kPixels <= ow_hi) {
       for (int64_t c = 0; c < C_vec; c += L)
         sum_taps_block<kPixels, 1, ACT>(nt, x_img + c, pix_step, x_off, wt + c, w_off, bias + c, C, out + ow * C + c);
       for (int p = 0; C_vec < C && p < kPixels; ++p)
