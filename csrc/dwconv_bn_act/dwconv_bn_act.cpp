@@ -166,6 +166,12 @@ FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows,
   }
 }
 
+// The register-blocked unit-stride paths (conv_plane_rows, conv_row_block) are fully unrolled per
+// kernel size and activation: they are compiled for fp32 only, where CPU speed matters; fp64 (gradcheck)
+// and fp16 / bf16 storage take the generic loops, which keeps the extension's build time in check.
+template <typename in_t, typename out_t>
+constexpr bool register_blocked = std::is_same_v<in_t, float> && std::is_same_v<out_t, float>;
+
 // ---- NCHW: one (n, c) plane per task -------------------------------------------------------------
 
 // A zero-padded copy of one plane in acc_t, its columns split by phase modulo the W stride: padded
@@ -253,16 +259,18 @@ FB_CPU_MULTIVERSION void conv_plane(PaddedPlane<acc_t>& xp, const acc_t* w, acc_
   constexpr int L = simd::lanes<acc_t>, kBlock = 4;
   const DWGeometry& g = xp.g;
   int64_t oh = 0;
-  if (g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1) {
-    auto rows = [&](auto r) FB_LAMBDA_INLINE {
-      constexpr int R = decltype(r)::value;
-      for (; oh + R <= g.Ho; oh += R)
-        for (int64_t ow = 0; ow < g.Wo; ow += L)
-          conv_plane_rows<K, R, ACT>(xp.buf.data() + oh * xp.Wq + ow, xp.Wq, w, bias, out + oh * g.Wo + ow, g.Wo,
-                                     static_cast<int>(std::min<int64_t>(L, g.Wo - ow)));
-    };
-    rows(std::integral_constant<int, 8>{});
-    rows(std::integral_constant<int, 4>{});
+  if constexpr (register_blocked<acc_t, out_t>) {
+    if (g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1) {
+      auto rows = [&](auto r) FB_LAMBDA_INLINE {
+        constexpr int R = decltype(r)::value;
+        for (; oh + R <= g.Ho; oh += R)
+          for (int64_t ow = 0; ow < g.Wo; ow += L)
+            conv_plane_rows<K, R, ACT>(xp.buf.data() + oh * xp.Wq + ow, xp.Wq, w, bias, out + oh * g.Wo + ow, g.Wo,
+                                       static_cast<int>(std::min<int64_t>(L, g.Wo - ow)));
+      };
+      rows(std::integral_constant<int, 8>{});
+      rows(std::integral_constant<int, 4>{});
+    }
   }
   int64_t off[K * K];
   xp.template tap_offsets<K>(off);
@@ -498,13 +506,15 @@ FB_CPU_MULTIVERSION void conv_row_nhwc(const DWGeometry& g, const scalar_t* x_im
   int64_t x_off[kMaxTaps], w_off[kMaxTaps];
   for (int64_t ow = 0; ow < g.Wo;) {
     const int nt = output_taps(g, oh, ow, x_off, w_off);
-    if (unit_columns && ow >= ow_lo && ow + kRowPixels <= ow_hi) {
-      const scalar_t* x = x_img + ((ih0 + kh_lo * g.dh) * g.W + ow - g.pw) * C;
-      out_t* o = out + ow * C;
-      switch (g.K) {
-        case 3: conv_row_blocks<3, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
-        case 5: conv_row_blocks<5, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
-        default: conv_row_blocks<7, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+    if (register_blocked<scalar_t, out_t> && unit_columns && ow >= ow_lo && ow + kRowPixels <= ow_hi) {
+      if constexpr (register_blocked<scalar_t, out_t>) {
+        const scalar_t* x = x_img + ((ih0 + kh_lo * g.dh) * g.W + ow - g.pw) * C;
+        out_t* o = out + ow * C;
+        switch (g.K) {
+          case 3: conv_row_blocks<3, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+          case 5: conv_row_blocks<5, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+          default: conv_row_blocks<7, ACT>(g, x, kh_lo, kh_hi, wt, bias, C_vec, o); break;
+        }
       }
       for (int p = 0; C_vec < C && p < kRowPixels; ++p)
         sum_taps_nhwc<ACT>(nt, x_img + p * C, x_end, x_off, wt, w_off, bias, C, out + (ow + p) * C, C_vec);
