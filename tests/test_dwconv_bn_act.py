@@ -27,6 +27,8 @@ CASES = [
     ((1, 24, 9, 30), 5, 2, "relu", 1e-5, 0.1, False),
     ((2, 32, 13, 16), 5, 1, "hardswish", 1e-5, 0.1, False),  # CPU register-blocked paths: 8-pixel runs (CL),
     ((1, 20, 12, 17), 7, 1, "relu6", 1e-3, 0.1, False),      # 8- and 4-row blocks plus leftover rows (NCHW)
+    ((2, 8, 13, 12), 3, 1, "relu6", 1e-5, 0.1, False),  # NCHW output planes up to 12x12 run on a channels_last
+    ((1, 8, 26, 27), 3, 2, "silu", 1e-5, 0.1, False),   # copy (C++); these two, above that, on the plane schedule
 ]
 
 
@@ -131,13 +133,14 @@ def test_track_running_stats_false_and_no_affine(backend, device):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("k,stride,layout", [(3, 1, "contiguous"), (5, 2, "channels_last")])
-def test_gradcheck(backend, device, train, layout, k, stride):
+@pytest.mark.parametrize("k,stride,layout,hw", [(3, 1, "contiguous", (5, 4)), (5, 2, "channels_last", (5, 4)),
+                                                 (3, 1, "contiguous", (13, 12))])  # C++: both NCHW schedules
+def test_gradcheck(backend, device, train, layout, k, stride, hw):
     require_backend(OP, backend, device, torch.float64)
-    if backend == "triton" and device.type == "cpu" and (k == 3) != train:
-        pytest.skip("the Triton interpreter is slow: two of the four cases")
+    if backend == "triton" and device.type == "cpu" and ((k == 3) != train or hw[0] > 5):
+        pytest.skip("the Triton interpreter is slow: two of the six cases")
     C = 3
-    x = torch.randn(2, C, 5, 4, dtype=torch.float64, device=device)
+    x = torch.randn(2, C, *hw, dtype=torch.float64, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(C, 1, k, k, dtype=torch.float64, device=device) / k
