@@ -167,12 +167,15 @@ FB_SIMD_INLINE void store_activated(out_t* out, const vec<acc_t>& v, int n) {
   store_n<acc_t>(out, activate<ACT, acc_t>(v), n);
 }
 
-// Sum of the lanes.
+// Sum of the lanes, pairwise: log2(lanes) dependent adds instead of a chain of lanes - 1 (the chain
+// dominated reductions over small planes).
 template <typename acc_t>
 FB_SIMD_INLINE acc_t reduce_add(const vec<acc_t>& v) {
-  acc_t s = 0;
-  for (int j = 0; j < lanes<acc_t>; ++j) s += v[j];
-  return s;
+  acc_t t[lanes<acc_t>];
+  std::memcpy(t, &v, sizeof v);
+  for (int width = lanes<acc_t> / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) t[j] += t[j + width];
+  return t[0];
 }
 
 }  // namespace simd
