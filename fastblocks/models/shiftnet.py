@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastblocks.nn.shift import Shift
+from fastblocks.ops.conv1x1 import run_conv
 
 
 class CSCBlock(nn.Module):
@@ -48,8 +49,8 @@ class CSCBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(self.shift(out)))
+        out = F.relu(self.bn1(run_conv(self.conv1, x)))
+        out = self.bn2(run_conv(self.conv2, self.shift(out)))
         return F.relu(out + self.shortcut(x))
 
 

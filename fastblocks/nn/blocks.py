@@ -21,6 +21,7 @@ from fastblocks.nn._batchnorm import batch_norm_act
 from fastblocks.nn.activations import HardSigmoid, HardSwish
 from fastblocks.nn.dwconv import DWConvBNAct
 from fastblocks.nn.squeeze_excite import SqueezeExcite
+from fastblocks.ops.conv1x1 import is_plain_1x1, run_conv
 
 # Activations the fused kernels implement (class -> their name in DWConvBNAct and fastblocks.ops.bn_act).
 _FUSED_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
@@ -92,7 +93,7 @@ class ConvNormAct(nn.Sequential):
         return _FUSED_ACTIVATIONS.get(type(self[2]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm_act(self[0](x))
+        return self.norm_act(run_conv(self[0], x))
 
     def norm_act(self, y: Tensor) -> Tensor:
         """Everything after the conv, applied to the conv output ``y``."""
@@ -182,11 +183,6 @@ def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new.train(old.training)
 
 
-def _is_plain_conv1x1(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.groups == 1 and conv.bias is None)
-
-
 class _Body(nn.Sequential):
     """A block's layers, run in order (keys as nn.Sequential's). When gradients are recorded and a
     fastblocks SqueezeExcite feeds a 1x1 projection, the two run as one
@@ -196,7 +192,7 @@ class _Body(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         *head, se, project = self
         if not (torch.is_grad_enabled() and isinstance(se, SqueezeExcite) and isinstance(project, ConvNormAct)
-                and _is_plain_conv1x1(project[0])):
+                and is_plain_1x1(project[0]) and project[0].bias is None):
             return super().forward(x)
         for layer in head:
             x = layer(x)
@@ -460,8 +456,8 @@ class Fire(nn.Module):
         self.expand3x3 = nn.Conv2d(squeeze_planes, expand3x3_planes, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = torch.relu_(self.squeeze(x))
-        return torch.relu_(torch.cat([self.expand1x1(s), self.expand3x3(s)], 1))
+        s = torch.relu_(run_conv(self.squeeze, x))
+        return torch.relu_(torch.cat([run_conv(self.expand1x1, s), self.expand3x3(s)], 1))
 
     @classmethod
     def from_module(cls, m: nn.Module) -> Fire:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fastblocks._backend import resolve
 from fastblocks.nn._batchnorm import batch_norm_act, check_batch_size, update_running_stats, uses_batch_stats
 from fastblocks.ops.bn_act import batch_stats, bn_act_backward, bn_act_forward, stat_dtype
+from fastblocks.ops.conv1x1 import conv1x1, conv1x1_backward, run_conv
 
 _aten = torch.ops.aten
 
@@ -114,6 +115,8 @@ def _layer_params(layer: DenseLayer) -> list[Tensor | None]:
 
 def _conv_backward(grad: Tensor, z: Tensor, weight: Tensor, padding: int) -> tuple[Tensor, Tensor]:
     # under autocast the forward conv ran in the activations' dtype; so does its backward
+    if padding == 0:
+        return conv1x1_backward(grad, z, weight.to(z.dtype))
     dz, dw, _ = _aten.convolution_backward(grad, z, weight.to(z.dtype), None, [1, 1], [padding, padding], [1, 1], False,
                                            [0, 0], 1, [True, True, False])
     return dz, dw
@@ -199,7 +202,7 @@ def _block_forward(layers: Sequence[DenseLayer], impl: str, x: Tensor, params: S
         w_n1, b_n1, w_c1, w_n2, b_n2, w_c2 = params[_PARAMS_PER_LAYER * i:_PARAMS_PER_LAYER * (i + 1)]
         x_i = buf[:, :c]
         mean1, _, invstd1 = _statistics(layer.norm1, x_i, impl, (mean1_all[:c], var1_all[:c]) if cache_stats else None)
-        bottleneck = F.conv2d(bn_act_forward(x_i, mean1, invstd1, *_affine(w_n1, b_n1, mean1), "relu", impl), w_c1)
+        bottleneck = conv1x1(bn_act_forward(x_i, mean1, invstd1, *_affine(w_n1, b_n1, mean1), "relu", impl), w_c1)
         mean2, var2, invstd2 = _statistics(layer.norm2, bottleneck, impl)
         if uses_batch_stats(layer.norm2):
             mean2_all.append(mean2)
@@ -273,7 +276,7 @@ class DenseLayer(nn.Module):
         return self.plain_forward(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
-        bottleneck = self.conv1(batch_norm_act(self.norm1, x, "relu", self.impl))
+        bottleneck = run_conv(self.conv1, batch_norm_act(self.norm1, x, "relu", self.impl))
         new = self.conv2(batch_norm_act(self.norm2, bottleneck, "relu", self.impl))
         if self.drop_rate > 0:
             new = F.dropout(new, p=self.drop_rate, training=self.training)
@@ -309,7 +312,7 @@ class DenseBlock(nn.ModuleDict):
 
 
 def _pool_conv(z: Tensor, weight: Tensor) -> Tensor:
-    return F.conv2d(F.avg_pool2d(z, kernel_size=2, stride=2), weight)
+    return conv1x1(F.avg_pool2d(z, kernel_size=2, stride=2), weight)
 
 
 class Transition(nn.Sequential):

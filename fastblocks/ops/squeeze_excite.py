@@ -34,6 +34,7 @@ from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import CustomOp, check_tensor, custom_op, is_channels_last, like, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, tile_offsets, tl, triton
+from fastblocks.ops.conv1x1 import conv1x1, conv1x1_backward
 
 register_op("squeeze_excite", "squeeze_excite_forward")
 
@@ -311,7 +312,7 @@ class _SqueezeExciteConv1x1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, weight, activation, scale_activation, impl):
-        out = F.conv2d(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)
+        out = conv1x1(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)
         ctx.save_for_backward(x, w1, b1, w2, b2, weight)
         ctx.se_args = activation, scale_activation, impl
         ctx.conv_dtype = out.dtype  # the conv ran in this dtype (autocast may have cast its inputs)
@@ -323,9 +324,8 @@ class _SqueezeExciteConv1x1(torch.autograd.Function):
         se = _se_op(x, w1, b1, w2, b2, *ctx.se_args)  # recomputed: one more read of x, one write
         dtype = ctx.conv_dtype
         need_dx = any(ctx.needs_input_grad[:5])
-        d_se, d_weight, _ = _aten.convolution_backward(
-            grad.to(dtype), se.to(dtype), weight.to(dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [need_dx, ctx.needs_input_grad[5], False])
+        d_se, d_weight = conv1x1_backward(grad.to(dtype), se.to(dtype), weight.to(dtype),
+                                          (need_dx, ctx.needs_input_grad[5]))
         grads = (None,) * 5
         if need_dx:
             grads = _se_backward_op(d_se.to(x.dtype), x, w1, b1, w2, b2, *ctx.se_args)
@@ -349,5 +349,5 @@ def squeeze_excite_conv1x1(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Te
         raise ValueError(f"weight must be a 1x1 conv weight [O, {x.shape[1]}, 1, 1], got {tuple(weight.shape)}")
     impl = resolve("squeeze_excite", impl, x)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2, weight))):
-        return F.conv2d(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)  # nothing to save
+        return conv1x1(_se_op(x, w1, b1, w2, b2, activation, scale_activation, impl), weight)  # nothing to save
     return _SqueezeExciteConv1x1.apply(x, w1, b1, w2, b2, weight, activation, scale_activation, impl)
