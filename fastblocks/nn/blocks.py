@@ -184,19 +184,18 @@ def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 class _Body(nn.Sequential):
-    """A block's layers, run in order (keys as nn.Sequential's). When gradients are recorded and a
-    fastblocks SqueezeExcite feeds a 1x1 projection, the two run as one
-    :func:`fastblocks.ops.squeeze_excite_conv1x1`: backward recomputes the excited tensor instead of
-    keeping it, one expanded-width activation less per block."""
+    """A block's layers, run in order (keys as nn.Sequential's), a bare 1x1 conv as
+    :func:`fastblocks.ops.conv1x1`. When gradients are recorded and a fastblocks SqueezeExcite feeds
+    a 1x1 projection, the two run as one :func:`fastblocks.ops.squeeze_excite_conv1x1`: backward
+    recomputes the excited tensor instead of keeping it, one expanded-width activation less per block."""
 
     def forward(self, x: Tensor) -> Tensor:
         *head, se, project = self
-        if not (torch.is_grad_enabled() and isinstance(se, SqueezeExcite) and isinstance(project, ConvNormAct)
-                and is_plain_1x1(project[0]) and project[0].bias is None):
-            return super().forward(x)
-        for layer in head:
-            x = layer(x)
-        return project.norm_act(se.forward_conv1x1(x, project[0].weight))
+        fuse_se = (torch.is_grad_enabled() and isinstance(se, SqueezeExcite) and isinstance(project, ConvNormAct)
+                   and is_plain_1x1(project[0]) and project[0].bias is None)
+        for layer in head if fuse_se else self:
+            x = run_conv(layer, x)
+        return project.norm_act(se.forward_conv1x1(x, project[0].weight)) if fuse_se else x
 
 
 class _Residual(nn.Module):
@@ -385,7 +384,7 @@ class InvertedResidual(_Residual):
                    nn.Conv2d(hidden, oup, 1, bias=False),
                    norm_layer(oup)]
         self._body = "conv"
-        self.conv = nn.Sequential(*layers)
+        self.conv = _Body(*layers)
         self.stride = stride
         self.use_res_connect = stride == 1 and inp == oup
         self.out_channels = oup
