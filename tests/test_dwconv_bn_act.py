@@ -306,6 +306,35 @@ def test_extension_checks_its_inputs():
         fwd(x, w, s, s, [1, 1], [1, 1], [1, 1], 9)
     with pytest.raises(RuntimeError, match="too small"):
         fwd(torch.randn(1, 4, 2, 2), w, s, s, [1, 1], [0, 0], [1, 1], 0)
+    train_fwd = _ext.op("dwconv_bn_act_train_forward")
+    with pytest.raises(RuntimeError, match="bn_weight must be a contiguous"):
+        train_fwd(x, w, torch.ones(3), s, 1e-5, [1, 1], [1, 1], [1, 1], 0)
+    with pytest.raises(RuntimeError, match="invstd must be a contiguous"):
+        _ext.op("dwconv_bn_act_train_backward")(x, x, w, s, s, s, torch.ones(2, 2), [1, 1], [1, 1], [1, 1], 0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,k,stride", [((2, 8, 13, 12), 3, 1), ((2, 6, 17, 15), 5, 2)])
+def test_cpu_training_passes_match_the_four_kernels(shape, k, stride, layout):
+    """The C++ op per training pass (algebra in C++, small NCHW planes relayouted once) gives what the
+    four kernels composed by tensor ops give."""
+    require_backend(OP, "cpp")
+    from fastblocks.ops.dwconv_bn_act import _CppKernels, _ExtKernels
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    w, gamma, beta = torch.randn(shape[1], 1, k, k), torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    geom = ([stride, stride], [k // 2, k // 2], [1, 1])
+    fused, composed = _CppKernels(), _ExtKernels()
+    out = fused.train_forward(x, w, gamma, beta, 1e-5, geom, "silu")
+    for got, want in zip(out, composed.train_forward(x, w, gamma, beta, 1e-5, geom, "silu")):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
+    dy = torch.randn_like(out[0])
+    args = (dy, x, w, gamma, beta, out[1], out[2], geom, "silu")
+    for got, want in zip(fused.train_backward(*args), composed.train_backward(*args)):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()
 
 
 # ---- the module: drop-in construction and conversion ----

@@ -9,6 +9,8 @@
 //   dwconv_affine_act_forward  y                                           (training phase 2 and eval)
 //   dwconv_affine_act_grad_stats  sums of g and g * (z - center), g = dy * act'(scale * z + shift)
 //   dwconv_affine_act_backward dx and dw for dz = scale * g + p[c] + q[c] * z
+// On CPU the two training passes are also one op each (dwconv_bn_act_train_forward / _backward, at the
+// end of this file), the per-channel algebra between the kernels included.
 // Reductions write per-partition partials (rows of a [P, C] tensor) and return them combined into
 // per-channel values (here by loops; in the CUDA wrapper by combine_mean_m2 and sum(0)). Parameters
 // (w, scale, shift, ...) are contiguous tensors in the accumulation dtype (fp32, or fp64 for fp64 x);
@@ -24,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "activations.h"
@@ -929,6 +932,84 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
   return {dx, dw};
 }
 
+// ---- the training passes as one op each (CPU) ---------------------------------------------------
+// The same kernels, with the per-channel algebra between them (invstd, the affine fold, the BN backward
+// coefficients of fastblocks/ops/dwconv_bn_act.py) as loops over C instead of a dozen tiny ATen calls
+// from Python, and small NCHW planes relayouted once per pass instead of once per kernel.
+
+// (scale, shift) = (gamma * invstd, beta - mean * gamma * invstd): the BN affine in the kernels' form.
+std::pair<at::Tensor, at::Tensor> train_affine(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                                               const at::Tensor& invstd) {
+  at::Tensor scale = at::empty_like(gamma), shift = at::empty_like(gamma);
+  AT_DISPATCH_FLOATING_TYPES(gamma.scalar_type(), "dwconv_bn_train_affine", [&] {
+    const scalar_t *pg = gamma.const_data_ptr<scalar_t>(), *pb = beta.const_data_ptr<scalar_t>(),
+                   *pm = mean.const_data_ptr<scalar_t>(), *pi = invstd.const_data_ptr<scalar_t>();
+    scalar_t *ps = scale.mutable_data_ptr<scalar_t>(), *pt = shift.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < gamma.numel(); ++c) {
+      ps[c] = pg[c] * pi[c];
+      pt[c] = pb[c] - pm[c] * ps[c];
+    }
+  });
+  return {scale, shift};
+}
+
+// y = act(BN(dwconv(x, w))) with batch statistics; returns (y, mean, invstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const at::Tensor& gamma, const at::Tensor& beta,
+                                                                 double eps, at::IntArrayRef stride,
+                                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                 int64_t act) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  dwconv::check_channel_param(gamma, x, g, "bn_weight");
+  dwconv::check_channel_param(beta, x, g, "bn_bias");
+  if (small_nchw_planes(g)) {
+    auto [y, mean, invstd] = train_forward_cpu(relayout(x), weight, gamma, beta, eps, stride, padding, dilation, act);
+    return {relayout(y, true), mean, invstd};
+  }
+  auto [mean, invstd] = stats_cpu(x, weight, stride, padding, dilation);  // invstd: the variance until below
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "dwconv_bn_invstd", [&] {
+    scalar_t* v = invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < g.C; ++c) v[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+  });
+  const auto [scale, shift] = train_affine(gamma, beta, mean, invstd);
+  return {forward_cpu(x, weight, scale, shift, stride, padding, dilation, act), mean, invstd};
+}
+
+// Gradients of train_forward_cpu for x, w, gamma and beta (the statistics' dependence on x included).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  for (auto [t, name] : {std::pair{&gamma, "bn_weight"}, {&beta, "bn_bias"}, {&mean, "mean"}, {&invstd, "invstd"}})
+    dwconv::check_channel_param(*t, x, g, name);
+  dwconv::check_grad(grad, x, g);
+  if (small_nchw_planes(g)) {
+    auto [dx, dw, dgamma, dbeta] = train_backward_cpu(relayout(grad), relayout(x), weight, gamma, beta, mean, invstd,
+                                                      stride, padding, dilation, act);
+    return {relayout(dx, true), dw, dgamma, dbeta};
+  }
+  const auto [scale, shift] = train_affine(gamma, beta, mean, invstd);
+  // dbeta = sum g, dgamma = invstd * sum g * (z - mean)
+  auto [dbeta, dgamma] = grad_stats_cpu(grad, x, weight, scale, shift, mean, stride, padding, dilation, act);
+  // dz = scale * (g - dbeta / M - xhat * dgamma / M) = scale * g + p + q * z
+  at::Tensor p = at::empty_like(mean), q = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "dwconv_bn_backward_coefficients", [&] {
+    const scalar_t *pm = mean.const_data_ptr<scalar_t>(), *pi = invstd.const_data_ptr<scalar_t>(),
+                   *ps = scale.const_data_ptr<scalar_t>(), *pdb = dbeta.const_data_ptr<scalar_t>();
+    scalar_t *pdg = dgamma.mutable_data_ptr<scalar_t>(), *pp = p.mutable_data_ptr<scalar_t>(),
+             *pq = q.mutable_data_ptr<scalar_t>();
+    const scalar_t count = static_cast<scalar_t>(g.N * g.Ho * g.Wo);
+    for (int64_t c = 0; c < g.C; ++c) {
+      pdg[c] *= pi[c];
+      pq[c] = -ps[c] * pi[c] * pdg[c] / count;
+      pp[c] = -ps[c] * pdb[c] / count - pq[c] * pm[c];
+    }
+  });
+  auto [dx, dw] = backward_cpu(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act);
+  return {dx, dw, dgamma, dbeta};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
@@ -940,6 +1021,11 @@ TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
         " Tensor center, int[] stride, int[] padding, int[] dilation, int act) -> (Tensor sum_g, Tensor sum_gz)");
   m.def("dwconv_affine_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor p,"
         " Tensor q, int[] stride, int[] padding, int[] dilation, int act) -> (Tensor dx, Tensor dweight)");
+  m.def("dwconv_bn_act_train_forward(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, float eps,"
+        " int[] stride, int[] padding, int[] dilation, int act) -> (Tensor y, Tensor mean, Tensor invstd)");
+  m.def("dwconv_bn_act_train_backward(Tensor grad, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias,"
+        " Tensor mean, Tensor invstd, int[] stride, int[] padding, int[] dilation, int act)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
@@ -947,6 +1033,8 @@ TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
   m.impl("dwconv_affine_act_forward", &forward_cpu);
   m.impl("dwconv_affine_act_grad_stats", &grad_stats_cpu);
   m.impl("dwconv_affine_act_backward", &backward_cpu);
+  m.impl("dwconv_bn_act_train_forward", &train_forward_cpu);
+  m.impl("dwconv_bn_act_train_backward", &train_backward_cpu);
 }
 
 }  // namespace fastblocks

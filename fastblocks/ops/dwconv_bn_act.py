@@ -21,7 +21,8 @@ scale = gamma * invstd, shift = beta - mean * scale; eval: the running-statistic
 g and g * (z - center)), ``backward`` (dx and dweight for dz = scale * g + p[c] + q[c] * z). Triton
 and the compiled extension (C++ on CPU, CUDA on GPU) implement the four; their reductions write
 per-tile partials that a few tensor ops finish (:func:`_combine_stats`, ``sum(0)``; in C++ for the
-extension, which keeps the per-call host work of small layers low). The ``torch`` backend is aten
+extension, which keeps the per-call host work of small layers low). On CPU each training pass is one
+C++ op that also does the per-channel algebra between the kernels. The ``torch`` backend is aten
 conv + batch_norm + activation with aten's backward ops, recomputing z instead of saving it.
 
 The kernels take square kernel sizes 3, 5 and 7; other sizes run on the torch backend (``auto``
@@ -276,8 +277,28 @@ def _triton_blocks(x: Tensor, pixels: int) -> tuple[int, int]:
     return min(128, triton.next_power_of_2(pixels)), 1
 
 
-class _TritonKernels:
-    """The four passes as Triton launches; ``geom`` = (stride, padding, dilation)."""
+class _FourPasses:
+    """The training passes composed from the four kernels, the per-channel algebra between them as
+    tensor ops. ``geom`` = (stride, padding, dilation)."""
+
+    def train_forward(self, x, w, gamma, beta, eps, geom, act):
+        """(y, mean, invstd) with batch statistics."""
+        mean, var = self.stats(x, w, geom)
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = _train_affine(gamma, beta, mean, invstd)
+        return self.forward(x, w, scale, shift, geom, act), mean, invstd
+
+    def train_backward(self, grad, x, w, gamma, beta, mean, invstd, geom, act):
+        """(dx, dw, dgamma, dbeta) of :meth:`train_forward`."""
+        scale, shift = _train_affine(gamma, beta, mean, invstd)
+        sum_g, sum_gzc = self.grad_stats(grad, x, w, scale, shift, mean, geom, act)
+        count = grad.shape[0] * grad.shape[2] * grad.shape[3]
+        p, q, dgamma, dbeta = _bn_backward_coefficients(scale, invstd, mean, sum_g, sum_gzc, count)
+        return *self.backward(grad, x, w, scale, shift, p, q, geom, act), dgamma, dbeta
+
+
+class _TritonKernels(_FourPasses):
+    """The four passes as Triton launches."""
 
     @staticmethod
     def _launch(kernel, x: Tensor, out: Tensor, tiled: Tensor, args, geom, **meta) -> None:
@@ -334,7 +355,7 @@ class _TritonKernels:
         return dx, dw.sum(0).view_as(w)
 
 
-class _ExtKernels:
+class _ExtKernels(_FourPasses):
     """The four passes as fastblocks._C kernels (C++ on CPU tensors, CUDA on CUDA tensors)."""
 
     def stats(self, x, w, geom):
@@ -350,7 +371,20 @@ class _ExtKernels:
         return _ext.op("dwconv_affine_act_backward")(grad, x, w, scale, shift, p, q, *geom, ACTIVATIONS.index(act))
 
 
-_KERNELS = {"triton": _TritonKernels(), "cpp": _ExtKernels(), "cuda": _ExtKernels()}
+class _CppKernels(_ExtKernels):
+    """On CPU each training pass is one C++ op: the per-channel algebra runs as loops (a dozen tensor
+    ops from Python cost more than the kernels of a small layer) and small NCHW planes are copied
+    to channels_last once per pass, not once per kernel."""
+
+    def train_forward(self, x, w, gamma, beta, eps, geom, act):
+        return _ext.op("dwconv_bn_act_train_forward")(x, w, gamma, beta, eps, *geom, ACTIVATIONS.index(act))
+
+    def train_backward(self, grad, x, w, gamma, beta, mean, invstd, geom, act):
+        return _ext.op("dwconv_bn_act_train_backward")(grad, x, w, gamma, beta, mean, invstd, *geom,
+                                                       ACTIVATIONS.index(act))
+
+
+_KERNELS = {"triton": _TritonKernels(), "cpp": _CppKernels(), "cuda": _ExtKernels()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,11 +402,7 @@ def _train_op(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps
         u, mean, invstd = torch.ops.aten.native_batch_norm(z, bn_weight, bn_bias, None, None, True, 0.0, eps)
         y = _torch_act(u, activation).contiguous(memory_format=_memory_format(x))
         return y, mean.to(weight.dtype), invstd.to(weight.dtype)
-    kernels = _KERNELS[impl]
-    mean, var = kernels.stats(x, weight, geom)
-    invstd = torch.rsqrt(var + eps)
-    scale, shift = _train_affine(bn_weight, bn_bias, mean, invstd)
-    return kernels.forward(x, weight, scale, shift, geom, activation), mean, invstd
+    return _KERNELS[impl].train_forward(x, weight, bn_weight, bn_bias, eps, geom, activation)
 
 
 @custom_op("fastblocks::dwconv_bn_act_train_backward")
@@ -382,19 +412,14 @@ def _train_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bn_weight: Tenso
     x = nchw_or_nhwc(x)
     grad = _to_output_layout(grad, x)
     geom = (stride, padding, dilation)
-    scale, shift = _train_affine(bn_weight, bn_bias, mean, invstd)
     if impl == "torch":
+        scale, shift = _train_affine(bn_weight, bn_bias, mean, invstd)
         z = _torch_conv(x, weight, *geom)
         g = _torch_act_backward(grad, _torch_affine_pre_activation(z, scale, shift), activation)
         dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(g, z, bn_weight, None, None, mean, invstd,
                                                                       True, 0.0, [True, True, True])
         return *_torch_conv_backward(dz, x, weight, *geom), dgamma, dbeta
-    kernels = _KERNELS[impl]
-    sum_g, sum_gzc = kernels.grad_stats(grad, x, weight, scale, shift, mean, geom, activation)
-    count = grad.shape[0] * grad.shape[2] * grad.shape[3]
-    p, q, dgamma, dbeta = _bn_backward_coefficients(scale, invstd, mean, sum_g, sum_gzc, count)
-    dx, dw = kernels.backward(grad, x, weight, scale, shift, p, q, geom, activation)
-    return dx, dw, dgamma, dbeta
+    return _KERNELS[impl].train_backward(grad, x, weight, bn_weight, bn_bias, mean, invstd, geom, activation)
 
 
 @_train_op.register_fake
