@@ -301,14 +301,18 @@ def test_bad_arguments():
         FusedMBConv(out_channels=8)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])  # channels_last: 1x1 convs as GEMMs
 @pytest.mark.parametrize("case", ["mbconv_residual", "v3_se_hardswish"])
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
-def test_compile_fullgraph(case, impl):
+def test_compile_fullgraph(case, impl, layout):
     require_ops(impl)
+    torch._dynamo.reset()  # each case compiles the same forward code again: stay under dynamo's recompile limit
     make_ref, make_fb, channels = CASES[case]
     fb = make_fb(impl)
     _randomize_bn(fb)
     x = torch.randn(2, channels, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     for train in (True, False):
         fb.train(train)
         torch.manual_seed(0)
