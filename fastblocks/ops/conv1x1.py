@@ -1,12 +1,13 @@
 """1x1 convolutions (the expand, project and squeeze convs of every block) as GEMMs on CPU.
 
 A channels_last [N, C, H, W] tensor is a row-major [N*H*W, C] matrix, so a 1x1 convolution with
-stride 1, no padding and one group is a single GEMM with the [O, C] weight, and its backward two. On CPU, aten
-runs these convs through its im2col path (``_slow_conv2d``), which measured (2 cores, fp32, torch
-2.14) 1.2-2.8x slower than the GEMM forward and 1.3-2.5x forward+backward on MobileNetV2's pointwise
-convs at batch 4 @ 96, and 0.8-1.4x (about even) at batch 8 @ 224. So CPU channels_last fp32 / fp64
-tensors take the GEMM; every other device, dtype and layout keeps ``F.conv2d`` (cuDNN's 1x1 conv
-on CUDA is a GEMM already). Values equal the convolution's up to summation order.
+stride 1, no padding and one group is a single GEMM with the [O, C] weight, and its backward two.
+On CPU, aten runs these convs through its im2col path (``_slow_conv2d``), which measured (2 cores,
+fp32, torch 2.14) 1.2-2.8x slower than the GEMM forward and 1.3-2.5x forward+backward on
+MobileNetV2's pointwise convs at batch 4 @ 96, and 0.8-1.4x (about even) at batch 8 @ 224. So CPU
+channels_last fp32 / fp64 tensors take the GEMM; every other device, dtype and layout keeps
+``F.conv2d`` (cuDNN's 1x1 conv on CUDA is a GEMM already). Values equal the convolution's up to
+summation order.
 """
 from __future__ import annotations
 
