@@ -88,3 +88,13 @@ def test_run_conv():
     plain.register_forward_hook(lambda m, i, o: calls.append(o.shape))
     run_conv(plain, x)
     assert calls == [(2, 4, 5, 7)]
+
+
+def test_bad_inputs():
+    x = INPUTS["channels_last"](torch.float32)
+    with pytest.raises(ValueError, match=r"weight \[O, C, 1, 1\] with the same C"):
+        conv1x1(x, torch.randn(4, 12, 3, 3))
+    with pytest.raises(ValueError, match="got x"):
+        conv1x1(x, torch.randn(4, 11, 1, 1))
+    with pytest.raises(ValueError, match=r"x \[N, C, H, W\]"):
+        conv1x1(x[0], torch.randn(4, 12, 1, 1))

@@ -38,6 +38,9 @@ def _from_rows(rows: Tensor, like: Tensor) -> Tensor:
 def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` [O, C, 1, 1] (stride 1, no padding, one
     group); a GEMM for CPU channels_last input. Differentiable (autograd of ``F.linear``)."""
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
+        raise ValueError(f"conv1x1 needs x [N, C, H, W] and a weight [O, C, 1, 1] with the same C, got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
     if not _as_gemm(x):
         return F.conv2d(x, weight, bias)
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
