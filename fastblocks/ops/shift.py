@@ -98,18 +98,22 @@ def shift_adjoint_reference(grad: Tensor, kernel_size: int, dilation: int, strid
 # ---------------------------------------------------------------------------------------------
 # Triton kernel: one kernel for the forward and the adjoint. Along each spatial axis output index
 # o reads source index (o * MUL + SIGN * offset) / DIV: forward MUL = stride, DIV = 1, SIGN = 1;
-# adjoint MUL = 1, DIV = stride, SIGN = -1. Pure data movement, so no accumulation dtype.
+# adjoint MUL = 1, DIV = stride, SIGN = -1. Pure data movement, so no accumulation dtype. Row,
+# pixel and channel indices are int32 (the host checks they fit) and MUL / DIV / SIGN constexprs,
+# so the per-element index math is 32-bit multiplies and shifts; only the final element offsets
+# are int64. (With int64 rows and a runtime DIV the sm_90 build of this copy kernel needed
+# 160-255 registers per thread; now <= 82, see tests/sm90_compile.py.)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tap_offsets(c, G, K, DIL, SIGN):
+def _tap_offsets(c, G, K, DIL, SIGN: tl.constexpr):
     """(dy, dx) of channels ``c``: group c // G; leftovers (c >= K²G, or G == 0) are not moved."""
     tap = tl.where(c < K * K * G, c // tl.maximum(G, 1), (K * K) // 2)
     return (tap // K - K // 2) * DIL * SIGN, (tap % K - K // 2) * DIL * SIGN
 
 
 @triton.jit
-def _source(o, off, n_in, MUL, DIV):
+def _source(o, off, n_in, MUL: tl.constexpr, DIV: tl.constexpr):
     """Source index along one axis for output index ``o``, and whether it exists."""
     t = o * MUL + off
     ok = (t >= 0) & (t < n_in * DIV) & (t % DIV == 0)
@@ -117,9 +121,9 @@ def _source(o, off, n_in, MUL, DIV):
 
 
 @triton.jit
-def _shift_kernel(X, Y, ROWS, C, H_IN, W_IN, H_OUT, W_OUT, G, K, DIL, SIGN, MUL, DIV,
-                  CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _shift_kernel(X, Y, ROWS, C, H_IN, W_IN, H_OUT, W_OUT, G, K, DIL, SIGN: tl.constexpr, MUL: tl.constexpr,
+                  DIV: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     if CHANNELS_LAST:  # rows are output pixels (n, i, j), q the channels
         j = r % W_OUT
@@ -128,18 +132,19 @@ def _shift_kernel(X, Y, ROWS, C, H_IN, W_IN, H_OUT, W_OUT, G, K, DIL, SIGN, MUL,
         dy, dx = _tap_offsets(q, G, K, DIL, SIGN)
         sy, ok_y = _source(i[:, None], dy[None, :], H_IN, MUL, DIV)
         sx, ok_x = _source(j[:, None], dx[None, :], W_IN, MUL, DIV)
-        src = ((n[:, None] * H_IN + sy) * W_IN + sx) * C + q[None, :]
-        dst = r[:, None] * C + q[None, :]
+        src = ((n[:, None].to(tl.int64) * H_IN + sy) * W_IN + sx) * C + q[None, :]
+        dst = r[:, None].to(tl.int64) * C + q[None, :]
         mask = (r < ROWS)[:, None] & (q < C)[None, :]
     else:  # rows are (n, c, i), q the output columns j
         i = r % H_OUT
         nc = r // H_OUT
         dy, dx = _tap_offsets(nc % C, G, K, DIL, SIGN)
-        sy, ok_y = _source(i[:, None], dy[:, None], H_IN, MUL, DIV)
+        sy, ok_y = _source(i, dy, H_IN, MUL, DIV)
         sx, ok_x = _source(q[None, :], dx[:, None], W_IN, MUL, DIV)
-        src = (nc[:, None] * H_IN + sy) * W_IN + sx
-        dst = r[:, None] * W_OUT + q[None, :]
+        src = ((nc.to(tl.int64) * H_IN + sy) * W_IN)[:, None] + sx
+        dst = (r.to(tl.int64) * W_OUT)[:, None] + q[None, :]
         mask = (r < ROWS)[:, None] & (q < W_OUT)[None, :]
+        ok_y = ok_y[:, None]
     v = tl.load(X + src, mask=mask & ok_y & ok_x, other=0.0)
     tl.store(Y + dst, v, mask=mask)
 
@@ -152,11 +157,14 @@ def _triton_shift(x: Tensor, out: Tensor, kernel_size: int, dilation: int, sign:
     H_out, W_out = out.shape[2:]
     channels_last = is_channels_last(out)
     rows, q = (N * H_out * W_out, C) if channels_last else (N * C * H_out, W_out)
+    if rows + 2048 > 2**31 or N * H_in * W_in > 2**31:
+        raise ValueError(f"the Triton shift kernel indexes rows and pixels in int32; x {tuple(x.shape)} is too "
+                         "large for it (use impl='cuda')")
     block_q = min(128, triton.next_power_of_2(q))
     block_r = max(1, 2048 // block_q)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(q, block_q))
     _shift_kernel[grid](x, out, rows, C, H_in, W_in, H_out, W_out, C // kernel_size**2, kernel_size, dilation,
-                        sign, mul, div, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_Q=block_q)
+                        SIGN=sign, MUL=mul, DIV=div, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_Q=block_q)
     return out
 
 
