@@ -17,11 +17,13 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
+from fastblocks._backend import requested_impl
 from fastblocks.nn._batchnorm import batch_norm_act
 from fastblocks.nn.activations import HardSigmoid, HardSwish
 from fastblocks.nn.dwconv import DWConvBNAct
 from fastblocks.nn.squeeze_excite import SqueezeExcite
 from fastblocks.ops.conv1x1 import is_plain_1x1, run_conv
+from fastblocks.ops.onednn import can_fuse, conv_norm_act
 
 # Activations the fused kernels implement (class -> their name in DWConvBNAct and fastblocks.ops.bn_act).
 _FUSED_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
@@ -70,7 +72,8 @@ class ConvNormAct(nn.Sequential):
     over it instead of two, and backward keeps only the conv output, not also the BN output. BatchNorm
     semantics (batch statistics and running-statistics updates in training, running statistics in
     eval) are those of ``nn.BatchNorm2d``. Other norms and activations, or no activation (nothing to
-    fuse), run the children one after the other.
+    fuse), run the children one after the other. CPU float32 inference (no gradient recorded) runs
+    conv, BN and activation as one oneDNN convolution with BN folded in (:mod:`fastblocks.ops.onednn`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -93,7 +96,12 @@ class ConvNormAct(nn.Sequential):
         return _FUSED_ACTIVATIONS.get(type(self[2]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm_act(run_conv(self[0], x))
+        conv, norm = self[0], self[1]
+        activation = self.fused_activation()
+        if ((len(self) == 2 or activation is not None) and requested_impl("bn_act", self.impl) in ("auto", "cpp")
+                and can_fuse(x, conv, norm, activation)):
+            return conv_norm_act(x, conv, norm, activation)  # CPU inference: one oneDNN call
+        return self.norm_act(run_conv(conv, x))
 
     def norm_act(self, y: Tensor) -> Tensor:
         """Everything after the conv, applied to the conv output ``y``."""
@@ -444,7 +452,8 @@ class Fire(nn.Module):
 
     Same arguments and keys as torchvision's. One ReLU runs in place on the concatenation instead of
     one per branch before it: the same values, but backward keeps only the block output (which the
-    next layer saves anyway) instead of a second copy of it in the two branch outputs.
+    next layer saves anyway) instead of a second copy of it in the two branch outputs. CPU float32
+    inference runs each conv with its ReLU as one oneDNN call (:mod:`fastblocks.ops.onednn`).
     """
 
     def __init__(self, inplanes: int, squeeze_planes: int, expand1x1_planes: int, expand3x3_planes: int):
@@ -455,6 +464,9 @@ class Fire(nn.Module):
         self.expand3x3 = nn.Conv2d(squeeze_planes, expand3x3_planes, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if all(can_fuse(x, conv, activation="relu") for conv in (self.squeeze, self.expand1x1, self.expand3x3)):
+            s = conv_norm_act(x, self.squeeze, activation="relu")  # CPU inference: conv + ReLU per oneDNN call
+            return torch.cat([conv_norm_act(s, conv, activation="relu") for conv in (self.expand1x1, self.expand3x3)], 1)
         s = torch.relu_(run_conv(self.squeeze, x))
         return torch.relu_(torch.cat([run_conv(self.expand1x1, s), self.expand3x3(s)], 1))
 

@@ -49,7 +49,7 @@ def like(t: Tensor, ref: Tensor) -> Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
-def _plain_eager(args) -> bool:
+def plain_eager(args) -> bool:
     """No torch.compile / export / FX tracing, dispatch mode or functorch transform is active, and
     every tensor argument is a plain tensor or parameter (not a subclass)."""
     if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
@@ -92,7 +92,7 @@ class CustomOp:
                                                                        "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if not _plain_eager(args):
+        if not plain_eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             # no autograd of our own (a backward op under create_graph): the registered op decides

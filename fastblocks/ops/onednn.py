@@ -1,0 +1,71 @@
+"""CPU inference: convolution + eval-mode BatchNorm + activation as one oneDNN convolution.
+
+In eval mode BatchNorm is a per-channel affine map, so it folds into the convolution's weight and
+bias (``w' = w * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``), and oneDNN
+applies the activation to each output tile while it is still in cache (a post-op). The output is
+written once, instead of once by the convolution and read and written again by BN and by the
+activation (our fused ``bn_act`` made that one extra pass; this removes it). aten exposes the fused
+call as ``torch.ops.mkldnn._convolution_pointwise``, the op inductor's CPU backend emits for the
+same pattern; it is private, so its absence (other builds, ``torch.backends.mkldnn`` disabled) just
+means the caller's unfused path runs.
+
+The op has no autograd and is opaque to tracing, so it is used only in plain eager calls that
+record no gradient (``torch.no_grad()`` / ``inference_mode``, or nothing requires grad), on CPU
+float32 tensors. Measured (2 cores, fp32, channels_last, batch 8 @ 224, inference vs torchvision
+eager in one process): MobileNetV2 1.28x -> 1.70x, MobileNetV3-Large 1.05x -> 1.48x,
+EfficientNet-B0 1.23x -> 1.29x, SqueezeNet 1.0 0.96x -> 1.03x.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastblocks.ops._common import plain_eager
+
+# fastblocks activation name -> (oneDNN post-op, its scalars)
+_POST_OPS = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+             "silu": ("swish", []), "hardswish": ("hardswish", [])}
+
+
+def _onednn_op():
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    return getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def can_fuse(x: Tensor, conv: nn.Module, norm: nn.Module | None = None, activation: str | None = None) -> bool:
+    """True when ``activation(norm(conv(x)))`` can run as one oneDNN convolution here: CPU float32,
+    a plain zero-padded ``nn.Conv2d``, an eval-mode ``nn.BatchNorm2d`` with running statistics (or
+    no norm), an activation oneDNN fuses, no gradient recorded, plain eager mode."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or activation not in _POST_OPS
+            or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or conv._forward_hooks or conv._forward_pre_hooks):
+        return False
+    tensors = [x, conv.weight, conv.bias]
+    if norm is not None:
+        if (type(norm) is not nn.BatchNorm2d or norm.training or norm.running_mean is None
+                or norm._forward_hooks or norm._forward_pre_hooks):
+            return False
+        tensors += [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    tensors = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return plain_eager(tensors) and _onednn_op() is not None
+
+
+def conv_norm_act(x: Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d | None = None,
+                  activation: str | None = None) -> Tensor:
+    """``activation(norm(conv(x)))`` as one oneDNN call, for inputs :func:`can_fuse` accepts. The
+    output has x's memory format."""
+    weight, bias = conv.weight, conv.bias
+    if norm is not None:
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale if bias is None else (bias - norm.running_mean) * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        weight, bias = weight * scale.view(-1, 1, 1, 1), shift
+    post_op, scalars = _POST_OPS[activation]
+    return _onednn_op()(x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, post_op,
+                        scalars, "")
