@@ -45,7 +45,7 @@ FB_HOST_DEVICE T hardswish_grad(T x) {
 
 template <typename T>
 FB_HOST_DEVICE T relu(T x) {
-  return x > T(0) ? x : T(0);
+  return x < T(0) ? T(0) : x;  // NaN stays NaN, as in PyTorch
 }
 
 // d/dx relu: 1 for x > 0, 0 from 0 down (aten threshold_backward).

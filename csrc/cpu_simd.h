@@ -125,7 +125,7 @@ FB_SIMD_INLINE vec<acc_t> clamp(const vec<acc_t>& v, acc_t lo, acc_t hi) {
 template <int ACT, typename acc_t>
 FB_SIMD_INLINE vec<acc_t> activate(const vec<acc_t>& v) {
   const vec<acc_t> zero{};
-  if constexpr (ACT == kReLU) return v > zero ? v : zero;
+  if constexpr (ACT == kReLU) return v < zero ? zero : v;  // NaN stays NaN, as in PyTorch
   else if constexpr (ACT == kReLU6) return clamp<acc_t>(v, 0, 6);
   else if constexpr (ACT == kSiLU) return lanewise<acc_t>(v, [](acc_t x) { return silu(x); });
   else if constexpr (ACT == kHardSwish) return v * clamp<acc_t>(v + acc_t(3), 0, 6) / acc_t(6);

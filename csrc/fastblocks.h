@@ -34,6 +34,8 @@ inline void check_dense(const at::Tensor& t, const char* name) {
 
 // Elementwise kernels index the flat storage of dense tensors, so every operand must share strides.
 inline void check_same_layout(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", a.device(),
+              " and ", b.device());
   TORCH_CHECK(a.sizes() == b.sizes(), a_name, " and ", b_name, " must have the same shape, got ", a.sizes(),
               " and ", b.sizes());
   TORCH_CHECK(a.strides() == b.strides(), a_name, " and ", b_name, " must have the same strides, got ", a.strides(),

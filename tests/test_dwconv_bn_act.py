@@ -314,6 +314,23 @@ def test_extension_checks_its_inputs():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_extension_statistics_of_degenerate_inputs(layout):
+    """No pixels in x but output pixels from padding: their statistics are those of zeros. No output
+    pixels at all (N = 0): NaN, as torch.mean of nothing; never a crash."""
+    require_backend(OP, "cpp")
+    from fastblocks import _ext
+
+    stats = _ext.op("dwconv_bn_stats")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    w = torch.randn(3, 1, 3, 3)
+    mean, var = stats(torch.zeros(2, 3, 0, 5).contiguous(memory_format=fmt), w, [1, 1], [2, 2], [1, 1])
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.zeros(3))
+    for shape in [(0, 3, 4, 5), (0, 3, 20, 20)]:
+        mean, var = stats(torch.zeros(shape).contiguous(memory_format=fmt), w, [1, 1], [1, 1], [1, 1])
+        assert mean.isnan().all() and var.isnan().all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,k,stride", [((2, 8, 13, 12), 3, 1), ((2, 6, 17, 15), 5, 2)])
 def test_cpu_training_passes_match_the_four_kernels(shape, k, stride, layout):
     """The C++ op per training pass (algebra in C++, small NCHW planes relayouted once) gives what the

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "activations.h"
@@ -723,6 +724,10 @@ at::Tensor relayout(const at::Tensor& t, bool to_nchw = false) {
 std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
+  if (g.N * g.Ho * g.Wo == 0) {  // statistics of no values, as torch.mean / torch.var of an empty tensor
+    const at::Tensor nan = at::full({g.C}, std::numeric_limits<double>::quiet_NaN(), weight.options());
+    return {nan, nan.clone()};
+  }
   if (small_nchw_planes(g)) return stats_cpu(relayout(x), weight, stride, padding, dilation);
   const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
   const int64_t per_partition = g.channels_last ? g.Wo : g.Ho * g.Wo;

@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Ten
   const auto opts = weight.options();
   at::Tensor mean = at::zeros({g.N * r.splits, g.C}, opts), m2 = at::zeros({g.N * r.splits, g.C}, opts);
   at::Tensor count = at::zeros({g.N * r.splits}, opts);
-  if (x.numel() == 0) return combine_mean_m2(mean, m2, count);
+  if (g.N * g.C == 0) return combine_mean_m2(mean, m2, count);  // H or W may be 0 with output pixels from padding
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch(x, g.K, kIdentity, "dwconv_bn_stats_cuda", [&](auto s, auto k, auto) {
     using scalar_t = decltype(s);
