@@ -164,6 +164,38 @@ def test_compile_fullgraph(compile_backend, activation):
     torch.testing.assert_close(buf.grad, expected)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "slice_channels_last"])
+def test_triton_reductions_split_over_pixels_as_on_a_gpu(monkeypatch, layout):
+    """With an H100's 132 SMs the Triton reductions cut the pixels into parts (one partial row each);
+    the interpreter counts one SM, so this pretends to have 132."""
+    require_backend("bn_act", "triton")
+    from fastblocks.ops import _triton
+
+    monkeypatch.setattr(_triton, "num_sms", lambda device: 132)
+    assert _triton.split_work(2 * 40 * 33, 32, 1, torch.device("cpu"))[0] > 1
+    x = _input((2, 5, 40, 33), layout, torch.float64).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    y, mean, var = ops.bn_act(x, w, b, activation="silu", impl="triton")
+    yr = F.silu(F.batch_norm(xr, None, None, w, b, training=True))
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(var, xr.detach().var((0, 2, 3), unbiased=False))
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_propagates_like_pytorch(backend, activation):
+    require_backend("bn_act", backend)
+    x = torch.tensor([float("nan"), -1.0, 2.0, 7.0]).view(1, 1, 2, 2).repeat(2, 3, 1, 1)
+    stats = torch.zeros(3), torch.ones(3)
+    y, _, _ = ops.bn_act(x, torch.ones(3), torch.zeros(3), *stats, training=False, activation=activation, impl=backend)
+    ref = ACTIVATION_FNS[activation](F.batch_norm(x, *stats))
+    torch.testing.assert_close(y, ref, equal_nan=True)
+
+
 def test_empty_batch(backend):
     require_backend("bn_act", backend)
     x = torch.empty(0, 3, 4, 4, requires_grad=True)

@@ -62,6 +62,15 @@ def test_gradient_at_kinks_follows_pytorch(name, backend, device):
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=0)
 
 
+def test_nan_propagates_like_pytorch(backend, device):
+    require_backend("hardswish", backend, device)
+    x = torch.tensor([float("nan"), -4.0, 1.0, 5.0], device=device).view(1, 4, 1, 1)
+    for name, (op, ref) in ACTS.items():
+        torch.testing.assert_close(op(x, impl=backend), ref(x), equal_nan=True, msg=name)
+    torch.testing.assert_close(ops.hardsigmoid_gate(x.expand(2, 4, 3, 3), x.view(1, 4).expand(2, 4), impl=backend),
+                               hardsigmoid_gate_reference(x.expand(2, 4, 3, 3), x.view(1, 4).expand(2, 4)), equal_nan=True)
+
+
 @pytest.mark.parametrize("name", list(ACTS))
 def test_activation_gradcheck(name, backend, device):
     require_backend(name, backend, device, torch.float64)

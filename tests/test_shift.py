@@ -24,6 +24,7 @@ CASES = [
     ((2, 30, 5, 5), 5, 2, 2),
     ((1, 9, 2, 2), 3, 3, 1),
     ((2, 11, 5, 7), 3, 1, 3),
+    ((2, 18, 2, 2), 3, 1, 2),  # a 1x1 output: both layouts at once, the input's decides
 ]
 LAYOUTS = ["contiguous", "channels_last"]
 

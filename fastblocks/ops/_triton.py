@@ -5,6 +5,8 @@ decorator is a no-op stub and the ``triton`` backend reports ``TRITON_ERROR``).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 try:
@@ -58,16 +60,22 @@ def tile_offsets(n, ps, cs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def clamp(u, lo, hi):
+    """min(max(u, lo), hi) with NaN kept, as PyTorch's relu / hardtanh / hardswish (PTX max / min drop it)."""
+    return tl.minimum(tl.maximum(u, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def activate(u, ACT: tl.constexpr):
     """The activation of code ACT (index in fastblocks.ops.dwconv_bn_act.ACTIVATIONS, csrc/activations.h)."""
     if ACT == 1:
-        u = tl.maximum(u, 0.0)
+        u = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        u = tl.minimum(tl.maximum(u, 0.0), 6.0)
+        u = clamp(u, 0.0, 6.0)
     elif ACT == 3:
         u = u / (1.0 + tl.exp(-u))
     elif ACT == 4:
-        u = u * tl.minimum(tl.maximum(u + 3.0, 0.0), 6.0) / 6.0
+        u = u * clamp(u + 3.0, 0.0, 6.0) / 6.0
     return u
 
 
@@ -86,6 +94,37 @@ def activate_grad(u, ACT: tl.constexpr):
     else:
         d = tl.full(u.shape, 1.0, u.dtype)
     return d
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def split_work(total: int, block: int, programs: int, device) -> tuple[int, int]:
+    """(parts, part size): ``total`` rows cut into parts of whole ``block``s, as many as it takes for
+    ``programs`` programs per part to give about 4 programs per SM, with at least 4 blocks per part.
+    Reductions write one partial row per part and torch finishes them (deterministic, no atomics)."""
+    parts = max(1, min(triton.cdiv(4 * num_sms(device), max(programs, 1)), triton.cdiv(total, 4 * block)))
+    size = triton.cdiv(triton.cdiv(total, parts), block) * block
+    return triton.cdiv(total, size), size
+
+
+def launches_on_input_device(fn):
+    """Decorator for a Triton host function whose first argument is a tensor: its launches go to that
+    tensor's CUDA device (and its current stream). Triton launches on the current device, which is not
+    the tensors' for a model on cuda:1 without ``torch.cuda.set_device(1)``."""
+    @functools.wraps(fn)
+    def on_device(x, *args, **kwargs):
+        import torch
+
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+            return fn(x, *args, **kwargs)
+
+    return on_device
 
 
 def grid1d(n: int, block: int) -> tuple[int]:

@@ -33,8 +33,8 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import check_tensor, custom_op, like
-from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
-from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _torch_act, _torch_act_backward
+from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, split_work, tl, triton
+from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _combine_stats, _torch_act, _torch_act_backward
 
 register_op("bn_act", "bn_act_forward")
 
@@ -125,7 +125,9 @@ def _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, activation
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Value j of channel c (j over the N * H * W pixels) is at x_index in x and
-# out_index in the dense y / grad / dx. Each reduction program owns a tile of channels.
+# out_index in the dense y / grad / dx. A reduction program owns a tile of channels and one part
+# of the pixels (enough parts to fill the GPU, see split_work) and writes one partial row; torch
+# finishes the [parts, C] partials. Elementwise programs own a tile of pixels x channels.
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -139,29 +141,39 @@ def _indices(j, c, C, HW, x_stride, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(X, MEAN, VAR, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+def _part(count, chunk, C, BLOCK_C: tl.constexpr):
+    """This program's channels, its part of the pixels [j_begin, j_end) and its partial-row offset."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    part = tl.program_id(1)
+    j_begin = part.to(tl.int64) * chunk
+    return c, c < C, j_begin, tl.minimum(j_begin + chunk, count), part * C + c
+
+
+@triton.jit
+def _stats_kernel(X, MEAN, M2, C, HW, count, chunk, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The part's per-channel mean and M2, two passes over it (the second around the first mean)."""
+    c, cmask, j_begin, j_end, out = _part(count, chunk, C, BLOCK_C)
+    n = (j_end - j_begin).to(ACC)
     total = tl.zeros([BLOCK_C], dtype=ACC)
-    for j0 in range(0, count, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        mask = (j < count)[:, None] & cmask[None, :]
+    for j0 in range(j_begin, j_end, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mask = (j < j_end)[:, None] & cmask[None, :]
         xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
         total += tl.sum(tl.load(X + xi, mask=mask, other=0.0).to(ACC), axis=0)
-    mean = total / count
+    mean = total / n
     sum_d = tl.zeros([BLOCK_C], dtype=ACC)
     sum_d2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for j0 in range(0, count, BLOCK_J):  # second pass around the first mean: no cancellation
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        mask = (j < count)[:, None] & cmask[None, :]
+    for j0 in range(j_begin, j_end, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mask = (j < j_end)[:, None] & cmask[None, :]
         xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
         d = tl.where(mask, tl.load(X + xi, mask=mask, other=0.0).to(ACC) - mean[None, :], 0.0)
         sum_d += tl.sum(d, axis=0)
         sum_d2 += tl.sum(d * d, axis=0)
-    shift = sum_d / count  # the rounding error of the first mean, removed from both
-    tl.store(MEAN + c, mean + shift, mask=cmask)
-    tl.store(VAR + c, tl.maximum(sum_d2 / count - shift * shift, 0.0), mask=cmask)
+    shift = sum_d / n  # the rounding error of the first mean, removed from both
+    tl.store(MEAN + out, mean + shift, mask=cmask)
+    tl.store(M2 + out, tl.maximum(sum_d2 - n * shift * shift, 0.0), mask=cmask)
 
 
 @triton.jit
@@ -180,46 +192,49 @@ def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexp
 
 
 @triton.jit
-def _backward_kernel(DY, X, MEAN, INVSTD, SCALE, SHIFT, DX, DWEIGHT, DBIAS, C, HW, count, x_stride,
-                     ACT: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Both passes for a tile of channels: the sums of g = dy * act'(u) and g * (x - mean), then dx."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+def _grad_sums_kernel(DY, X, MEAN, SCALE, SHIFT, SUM_G, SUM_GX, C, HW, count, chunk, x_stride, ACT: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The part's per-channel sums of g = dy * act'(u) and of g * (x - mean)."""
+    c, cmask, j_begin, j_end, out = _part(count, chunk, C, BLOCK_C)
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
     scale = tl.load(SCALE + c, mask=cmask, other=0.0)
     shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dy_xmu = tl.zeros([BLOCK_C], dtype=ACC)
-    for j0 in range(0, count, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        mask = (j < count)[:, None] & cmask[None, :]
+    sum_g = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
+    for j0 in range(j_begin, j_end, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mask = (j < j_end)[:, None] & cmask[None, :]
         xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
         x = tl.load(X + xi, mask=mask, other=0.0).to(ACC)
         dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
-        dym = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
-        sum_dy += tl.sum(dym, axis=0)
-        sum_dy_xmu += tl.sum(dym * (x - mean[None, :]), axis=0)
-    dweight = sum_dy_xmu * invstd
-    tl.store(DWEIGHT + c, dweight, mask=cmask)
-    tl.store(DBIAS + c, sum_dy, mask=cmask)
+        g = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(g * (x - mean[None, :]), axis=0)
+    tl.store(SUM_G + out, sum_g, mask=cmask)
+    tl.store(SUM_GX + out, sum_gx, mask=cmask)
+
+
+@triton.jit
+def _dx_kernel(DY, X, MEAN, SCALE, SHIFT, A, B, DX, C, HW, count, x_stride, ACT: tl.constexpr,
+               BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """dx = scale * (g - a - (x - mean) * b); a = b = 0 with running statistics."""
+    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (j < count)[:, None] & cmask[None, :]
+    xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+    scale = tl.load(SCALE + c, mask=cmask, other=0.0)
+    shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
+    xr = tl.load(X + xi, mask=mask, other=0.0)
+    x = xr.to(ACC)
+    g = tl.load(DY + oi, mask=mask, other=0.0).to(ACC) * activate_grad(x * scale[None, :] + shift[None, :], ACT)
     if BATCH_STATS:
-        a = sum_dy / count
-        b = dweight * invstd / count
-    else:
-        a = tl.zeros([BLOCK_C], dtype=ACC)
-        b = tl.zeros([BLOCK_C], dtype=ACC)
-    for j0 in range(0, count, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        mask = (j < count)[:, None] & cmask[None, :]
-        xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
-        xr = tl.load(X + xi, mask=mask, other=0.0)
-        x = xr.to(ACC)
-        dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
-        dym = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
-        dx = scale[None, :] * (dym - a[None, :] - (x - mean[None, :]) * b[None, :])
-        tl.store(DX + oi, dx.to(xr.dtype), mask=mask)
+        mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+        a = tl.load(A + c, mask=cmask, other=0.0)
+        b = tl.load(B + c, mask=cmask, other=0.0)
+        g = g - a[None, :] - (x - mean[None, :]) * b[None, :]
+    tl.store(DX + oi, (scale[None, :] * g).to(xr.dtype), mask=mask)
 
 
 def _tiles(C: int, channels_last: bool) -> tuple[int, int]:
@@ -234,17 +249,29 @@ def _geometry(x: Tensor, channels_last: bool) -> tuple[int, int, int, int]:
     return C, H * W, N * H * W, _x_stride(x, channels_last)
 
 
+def _reduction_grid(x: Tensor, C: int, count: int, bj: int, bc: int) -> tuple[tuple[int, int], int]:
+    """((channel tiles, parts), pixels per part) of a reduction launch."""
+    c_tiles = triton.cdiv(C, bc)
+    parts, chunk = split_work(count, bj, c_tiles, x.device)
+    return (c_tiles, parts), chunk
+
+
+@launches_on_input_device
 def _stats_triton(x, channels_last):
     C, HW, count, xs = _geometry(x, channels_last)
-    mean = torch.zeros(C, dtype=stat_dtype(x), device=x.device)
-    var = torch.zeros_like(mean)
-    if count and C:
-        bj, bc = _tiles(C, channels_last)
-        _stats_kernel[(triton.cdiv(C, bc),)](x, mean, var, C, HW, count, xs, CHANNELS_LAST=channels_last,
-                                             ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
-    return mean, var
+    if not (count and C):
+        mean = torch.zeros(C, dtype=stat_dtype(x), device=x.device)
+        return mean, torch.zeros_like(mean)
+    bj, bc = _tiles(C, channels_last)
+    grid, chunk = _reduction_grid(x, C, count, bj, bc)
+    mean, m2 = (torch.empty((grid[1], C), dtype=stat_dtype(x), device=x.device) for _ in range(2))
+    _stats_kernel[grid](x, mean, m2, C, HW, count, chunk, xs, CHANNELS_LAST=channels_last, ACC=acc_type(x),
+                        BLOCK_J=bj, BLOCK_C=bc)
+    sizes = (count - torch.arange(grid[1], device=x.device, dtype=mean.dtype) * chunk).clamp(max=chunk)
+    return _combine_stats(mean, m2, sizes)
 
 
+@launches_on_input_device
 def _forward_triton(x, mean, invstd, weight, bias, activation, channels_last):
     C, HW, count, xs = _geometry(x, channels_last)
     y = _empty_out(x, channels_last)
@@ -257,17 +284,24 @@ def _forward_triton(x, mean, invstd, weight, bias, activation, channels_last):
     return y
 
 
+@launches_on_input_device
 def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last):
     C, HW, count, xs = _geometry(x, channels_last)
     dx = _empty_out(x, channels_last)
-    dweight, dbias = torch.zeros_like(mean), torch.zeros_like(mean)
-    if dx.numel():
-        scale, shift = _scale_shift(mean, invstd, weight, bias)
-        bj, bc = _tiles(C, channels_last)
-        _backward_kernel[(triton.cdiv(C, bc),)](grad, x, mean, invstd, scale, shift, dx, dweight, dbias, C, HW,
-                                               count, xs, ACT=ACTIVATIONS.index(activation),
-                                               BATCH_STATS=batch_stats, CHANNELS_LAST=channels_last,
-                                               ACC=acc_type(x), BLOCK_J=bj, BLOCK_C=bc)
+    if not dx.numel():
+        return dx, torch.zeros_like(mean), torch.zeros_like(mean)
+    scale, shift = _scale_shift(mean, invstd, weight, bias)
+    bj, bc = _tiles(C, channels_last)
+    act, acc = ACTIVATIONS.index(activation), acc_type(x)
+    grid, chunk = _reduction_grid(x, C, count, bj, bc)
+    sum_g, sum_gx = (torch.empty((grid[1], C), dtype=mean.dtype, device=x.device) for _ in range(2))
+    _grad_sums_kernel[grid](grad, x, mean, scale, shift, sum_g, sum_gx, C, HW, count, chunk, xs, ACT=act,
+                            CHANNELS_LAST=channels_last, ACC=acc, BLOCK_J=bj, BLOCK_C=bc)
+    dbias, dweight = sum_g.sum(0), sum_gx.sum(0) * invstd
+    a, b = dbias / count, dweight * invstd / count  # the gradient through the batch mean and variance
+    _dx_kernel[(triton.cdiv(count, bj), triton.cdiv(C, bc))](
+        grad, x, mean, scale, shift, a, b, dx, C, HW, count, xs, ACT=act, BATCH_STATS=batch_stats,
+        CHANNELS_LAST=channels_last, ACC=acc, BLOCK_J=bj, BLOCK_C=bc)
     return dx, dweight, dbias
 
 

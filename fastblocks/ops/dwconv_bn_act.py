@@ -37,7 +37,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import CustomOp, check_same, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, activate, activate_grad, tl, triton
+from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, tl, triton
 
 register_op("dwconv_bn_act", "dwconv_affine_act_forward")
 
@@ -301,7 +301,8 @@ class _TritonKernels(_FourPasses):
     """The four passes as Triton launches."""
 
     @staticmethod
-    def _launch(kernel, x: Tensor, out: Tensor, tiled: Tensor, args, geom, **meta) -> None:
+    @launches_on_input_device
+    def _launch(x: Tensor, kernel, out: Tensor, tiled: Tensor, args, geom, **meta) -> None:
         """One program per (pixel tile of ``tiled``, channel tile, image)."""
         N, C, H, W = x.shape
         pixels = tiled.shape[2] * tiled.shape[3]
@@ -324,7 +325,7 @@ class _TritonKernels(_FourPasses):
         y = _empty_output(x, w, *geom)
         rows, block_p = self._partial_rows(x, y)
         mean, m2 = (x.new_empty((rows, x.shape[1]), dtype=w.dtype) for _ in range(2))
-        self._launch(_stats_kernel, x, y, y, (x, w, mean, m2), geom, K=w.shape[-1])
+        self._launch(x, _stats_kernel, y, y, (x, w, mean, m2), geom, K=w.shape[-1])
         pixels = y.shape[2] * y.shape[3]
         tiles = rows // max(x.shape[0], 1)
         count = (pixels - torch.arange(tiles, device=x.device, dtype=w.dtype) * block_p).clamp(max=block_p)
@@ -332,14 +333,14 @@ class _TritonKernels(_FourPasses):
 
     def forward(self, x, w, scale, shift, geom, act):
         y = _empty_output(x, w, *geom)
-        self._launch(_forward_kernel, x, y, y, (x, w, scale, shift, y), geom, out_strides=y.stride(),
+        self._launch(x, _forward_kernel, y, y, (x, w, scale, shift, y), geom, out_strides=y.stride(),
                      ACT=ACTIVATIONS.index(act), K=w.shape[-1])
         return y
 
     def grad_stats(self, grad, x, w, scale, shift, center, geom, act):
         rows, _ = self._partial_rows(x, grad)
         sum_g, sum_gz = (x.new_empty((rows, x.shape[1]), dtype=w.dtype) for _ in range(2))
-        self._launch(_grad_stats_kernel, x, grad, grad, (grad, x, w, scale, shift, center, sum_g, sum_gz), geom,
+        self._launch(x, _grad_stats_kernel, grad, grad, (grad, x, w, scale, shift, center, sum_g, sum_gz), geom,
                      out_strides=grad.stride(), ACT=ACTIVATIONS.index(act), K=w.shape[-1])
         return sum_g.sum(0), sum_gz.sum(0)
 
@@ -347,11 +348,11 @@ class _TritonKernels(_FourPasses):
         K = w.shape[-1]
         rows, _ = self._partial_rows(x, grad)
         dz = torch.empty_like(grad)
-        dw = x.new_zeros((rows, x.shape[1], K, K), dtype=w.dtype)
-        self._launch(_dz_kernel, x, grad, grad, (grad, x, w, scale, shift, p, q, dz, dw), geom,
+        dw = x.new_empty((rows, x.shape[1], K, K), dtype=w.dtype)  # every row written: one per (image, pixel tile)
+        self._launch(x, _dz_kernel, grad, grad, (grad, x, w, scale, shift, p, q, dz, dw), geom,
                      out_strides=grad.stride(), ACT=ACTIVATIONS.index(act), K=K)
         dx = torch.zeros_like(x) if grad.numel() == 0 else torch.empty_like(x)
-        self._launch(_dx_kernel, x, grad, x, (dz, w, dx), geom, out_strides=dz.stride(), K=K)
+        self._launch(x, _dx_kernel, grad, x, (dz, w, dx), geom, out_strides=dz.stride(), K=K)
         return dx, dw.sum(0).view_as(w)
 
 

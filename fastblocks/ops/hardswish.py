@@ -19,7 +19,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import CustomOp, check_same, check_tensor, custom_op, dense, is_channels_last, like, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, grid1d, tile_offsets, tl, triton
+from fastblocks.ops._triton import acc_type, clamp, grid1d, launches_on_input_device, tile_offsets, tl, triton
 
 register_op("hardswish", "hardswish_forward")
 register_op("hardsigmoid", "hardsigmoid_forward")
@@ -40,7 +40,7 @@ def hardsigmoid_gate_reference(x: Tensor, g: Tensor) -> Tensor:
 
 @triton.jit
 def _hardsigmoid_math(x):
-    return tl.minimum(tl.maximum(x / 6.0 + 0.5, 0.0), 1.0)
+    return clamp(x / 6.0 + 0.5, 0.0, 1.0)
 
 
 @triton.jit
@@ -113,6 +113,7 @@ def _gate_backward_kernel(DY, X, G, DX, DG, C, HW, CHANNELS_LAST: tl.constexpr, 
 _BLOCK = 1024
 
 
+@launches_on_input_device
 def _triton_act_forward(x: Tensor, hardswish: bool) -> Tensor:
     out = torch.empty_like(x)
     if x.numel():
@@ -121,6 +122,7 @@ def _triton_act_forward(x: Tensor, hardswish: bool) -> Tensor:
     return out
 
 
+@launches_on_input_device
 def _triton_act_backward(grad: Tensor, x: Tensor, hardswish: bool) -> Tensor:
     out = torch.empty_like(x)
     if x.numel():
@@ -129,6 +131,7 @@ def _triton_act_backward(grad: Tensor, x: Tensor, hardswish: bool) -> Tensor:
     return out
 
 
+@launches_on_input_device
 def _triton_gate_forward(x: Tensor, g: Tensor) -> Tensor:
     out = torch.empty_like(x)
     if x.numel():
@@ -139,6 +142,7 @@ def _triton_gate_forward(x: Tensor, g: Tensor) -> Tensor:
     return out
 
 
+@launches_on_input_device
 def _triton_gate_backward(grad: Tensor, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     dx, dg = torch.empty_like(x), torch.zeros_like(g)
     N, C, H, W = x.shape

@@ -49,7 +49,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import CustomOp, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
-from fastblocks.ops._triton import tl, triton
+from fastblocks.ops._triton import launches_on_input_device, tl, triton
 
 register_op("shift", "shift_forward")
 
@@ -149,13 +149,14 @@ def _shift_kernel(X, Y, ROWS, C, H_IN, W_IN, H_OUT, W_OUT, G, K, DIL, SIGN: tl.c
     tl.store(Y + dst, v, mask=mask)
 
 
+@launches_on_input_device
 def _triton_shift(x: Tensor, out: Tensor, kernel_size: int, dilation: int, sign: int, mul: int,
                   div: int) -> Tensor:
     if out.numel() == 0:
         return out
     N, C, H_in, W_in = x.shape
     H_out, W_out = out.shape[2:]
-    channels_last = is_channels_last(out)
+    channels_last = is_channels_last(x)  # not out's: a 1x1 output is both layouts at once
     rows, q = (N * H_out * W_out, C) if channels_last else (N * C * H_out, W_out)
     if rows + 2048 > 2**31 or N * H_in * W_in > 2**31:
         raise ValueError(f"the Triton shift kernel indexes rows and pixels in int32; x {tuple(x.shape)} is too "

@@ -24,8 +24,6 @@ excitation per image, between the passes, so that the second pass re-reads the i
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,7 +31,7 @@ from torch import Tensor
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import CustomOp, check_tensor, custom_op, is_channels_last, like, nchw_or_nhwc
-from fastblocks.ops._triton import acc_type, tile_offsets, tl, triton
+from fastblocks.ops._triton import acc_type, launches_on_input_device, split_work, tile_offsets, tl, triton
 from fastblocks.ops.conv1x1 import conv1x1, conv1x1_backward
 
 register_op("squeeze_excite", "squeeze_excite_forward")
@@ -121,11 +119,7 @@ def _gate_kernel(X, SCALE, SHIFT, Y, C, HW, blocks_per_image, HAS_SHIFT: tl.cons
     tl.store(Y + base + offs, y.to(x.dtype), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
+@launches_on_input_device
 def _triton_pool(x: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     N, C, H, W = x.shape
     HW = H * W
@@ -134,11 +128,8 @@ def _triton_pool(x: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor 
     block_c = min(64 if channels_last else 8, triton.next_power_of_2(C))
     block_p = 16 if channels_last else min(256, triton.next_power_of_2(HW))
     c_tiles = triton.cdiv(C, block_c)
-    # Split the pixels over several programs when images x channel tiles cannot fill the GPU; the
-    # partial results are summed by aten (deterministic, unlike atomics).
-    split = max(1, min(triton.cdiv(4 * _num_sms(x.device), max(N * c_tiles, 1)), triton.cdiv(HW, 4 * block_p)))
-    chunk = triton.cdiv(triton.cdiv(HW, split), block_p) * block_p
-    split = triton.cdiv(HW, chunk)
+    # Split the pixels over several programs when images x channel tiles cannot fill the GPU.
+    split, chunk = split_work(HW, block_p, N * c_tiles, x.device)
     mean = x.new_empty((N, split, C), dtype=_acc_dtype(x))
     dyx = torch.empty_like(mean) if grad is not None else None
     if x.numel():
@@ -151,6 +142,7 @@ def _triton_pool(x: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor 
 _BLOCK = 1024
 
 
+@launches_on_input_device
 def _triton_gate(x: Tensor, scale: Tensor, shift: Tensor | None) -> Tensor:
     out = torch.empty_like(x)
     N, C, H, W = x.shape
