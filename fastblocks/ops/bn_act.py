@@ -177,8 +177,10 @@ def _stats_kernel(X, MEAN, M2, C, HW, count, chunk, x_stride, CHANNELS_LAST: tl.
 
 
 @triton.jit
-def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+def _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, BLOCK_J: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """This program's tile of pixels x channels: its channels, mask, output offsets, x as loaded,
+    and the per-channel scale and shift of u = x * scale + shift."""
     j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -186,9 +188,15 @@ def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexp
     xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
     scale = tl.load(SCALE + c, mask=cmask, other=0.0)
     shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    x = tl.load(X + xi, mask=mask, other=0.0)
-    y = activate(x.to(ACC) * scale[None, :] + shift[None, :], ACT)
-    tl.store(Y + oi, y.to(x.dtype), mask=mask)
+    return c, cmask, mask, oi, tl.load(X + xi, mask=mask, other=0.0), scale[None, :], shift[None, :]
+
+
+@triton.jit
+def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    _, _, mask, oi, x, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
+                                                        BLOCK_J, BLOCK_C)
+    tl.store(Y + oi, activate(x.to(ACC) * scale + shift, ACT).to(x.dtype), mask=mask)
 
 
 @triton.jit
@@ -219,22 +227,16 @@ def _dx_kernel(DY, X, MEAN, SCALE, SHIFT, A, B, DX, C, HW, count, x_stride, ACT:
                BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
                BLOCK_C: tl.constexpr):
     """dx = scale * (g - a - (x - mean) * b); a = b = 0 with running statistics."""
-    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = (j < count)[:, None] & cmask[None, :]
-    xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
-    scale = tl.load(SCALE + c, mask=cmask, other=0.0)
-    shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    xr = tl.load(X + xi, mask=mask, other=0.0)
+    c, cmask, mask, oi, xr, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
+                                                             BLOCK_J, BLOCK_C)
     x = xr.to(ACC)
-    g = tl.load(DY + oi, mask=mask, other=0.0).to(ACC) * activate_grad(x * scale[None, :] + shift[None, :], ACT)
+    g = tl.load(DY + oi, mask=mask, other=0.0).to(ACC) * activate_grad(x * scale + shift, ACT)
     if BATCH_STATS:
         mean = tl.load(MEAN + c, mask=cmask, other=0.0)
         a = tl.load(A + c, mask=cmask, other=0.0)
         b = tl.load(B + c, mask=cmask, other=0.0)
         g = g - a[None, :] - (x - mean[None, :]) * b[None, :]
-    tl.store(DX + oi, (scale[None, :] * g).to(xr.dtype), mask=mask)
+    tl.store(DX + oi, (scale * g).to(xr.dtype), mask=mask)
 
 
 def _tiles(C: int, channels_last: bool) -> tuple[int, int]:
