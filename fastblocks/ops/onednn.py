@@ -6,8 +6,8 @@ applies the activation to each output tile while it is still in cache (a post-op
 written once, instead of once by the convolution and read and written again by BN and by the
 activation (our fused ``bn_act`` made that one extra pass; this removes it). aten exposes the fused
 call as ``torch.ops.mkldnn._convolution_pointwise``, the op inductor's CPU backend emits for the
-same pattern; it is private, so its absence (other builds, ``torch.backends.mkldnn`` disabled) just
-means the caller's unfused path runs.
+same pattern; it is private, so its absence or a changed behaviour (checked once on a tiny example; other
+builds, ``torch.backends.mkldnn`` disabled) just means the caller's unfused path runs.
 
 The op has no autograd and is opaque to tracing, so it is used only in plain eager calls that
 record no gradient (``torch.no_grad()`` / ``inference_mode``, or nothing requires grad), on CPU
@@ -16,6 +16,8 @@ eager in one process): MobileNetV2 1.28x -> 1.70x, MobileNetV3-Large 1.05x -> 1.
 EfficientNet-B0 1.23x -> 1.29x, SqueezeNet 1.0 0.96x -> 1.03x.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +29,24 @@ _POST_OPS = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.
              "silu": ("swish", []), "hardswish": ("hardswish", [])}
 
 
+@functools.lru_cache(maxsize=None)
+def _checked_op():
+    """The aten op, if it exists and gives relu(conv) of a 1x1 example: a private op may change."""
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if op is None:
+        return None
+    try:
+        y = op(torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 2.0), torch.tensor([-3.0]), [0, 0], [1, 1], [1, 1],
+               1, "relu", [], "")
+    except (RuntimeError, TypeError):
+        return None
+    return op if y.shape == (1, 1, 1, 1) and y.item() == 0.0 else None
+
+
 def _onednn_op():
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
-    return getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    return _checked_op()
 
 
 def can_fuse(x: Tensor, conv: nn.Module, norm: nn.Module | None = None, activation: str | None = None) -> bool:
