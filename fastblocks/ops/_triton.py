@@ -9,6 +9,8 @@ import contextlib
 import functools
 import os
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -35,8 +37,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def triton_unavailable(device, dtype) -> str | None:
     """Why Triton cannot run on this device / dtype, or None."""
-    import torch
-
     if TRITON_ERROR is not None:
         return TRITON_ERROR
     if device.type == "cuda":
@@ -99,8 +99,6 @@ def activate_grad(u, ACT: tl.constexpr):
 @functools.lru_cache(maxsize=None)
 def num_sms(device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
-    import torch
-
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -119,8 +117,6 @@ def launches_on_input_device(fn):
     the tensors' for a model on cuda:1 without ``torch.cuda.set_device(1)``."""
     @functools.wraps(fn)
     def on_device(x, *args, **kwargs):
-        import torch
-
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             return fn(x, *args, **kwargs)
 
@@ -133,6 +129,4 @@ def grid1d(n: int, block: int) -> tuple[int]:
 
 def acc_type(t):
     """Triton accumulation dtype for tensor ``t``: float64 stays float64, everything else float32."""
-    import torch
-
     return tl.float64 if t.dtype == torch.float64 else tl.float32

@@ -150,6 +150,14 @@ def _part(count, chunk, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _chunk(j0, j_end, c, cmask, C, HW, x_stride, CHANNELS_LAST: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Mask and (x, output) offsets of the BLOCK_J pixels from j0 (up to j_end) of channels c."""
+    j = j0 + tl.arange(0, BLOCK_J)
+    xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+    return (j < j_end)[:, None] & cmask[None, :], xi, oi
+
+
+@triton.jit
 def _stats_kernel(X, MEAN, M2, C, HW, count, chunk, x_stride, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """The part's per-channel mean and M2, two passes over it (the second around the first mean)."""
@@ -157,17 +165,13 @@ def _stats_kernel(X, MEAN, M2, C, HW, count, chunk, x_stride, CHANNELS_LAST: tl.
     n = (j_end - j_begin).to(ACC)
     total = tl.zeros([BLOCK_C], dtype=ACC)
     for j0 in range(j_begin, j_end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        mask = (j < j_end)[:, None] & cmask[None, :]
-        xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        mask, xi, _ = _chunk(j0, j_end, c, cmask, C, HW, x_stride, CHANNELS_LAST, BLOCK_J)
         total += tl.sum(tl.load(X + xi, mask=mask, other=0.0).to(ACC), axis=0)
     mean = total / n
     sum_d = tl.zeros([BLOCK_C], dtype=ACC)
     sum_d2 = tl.zeros([BLOCK_C], dtype=ACC)
     for j0 in range(j_begin, j_end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        mask = (j < j_end)[:, None] & cmask[None, :]
-        xi, _ = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        mask, xi, _ = _chunk(j0, j_end, c, cmask, C, HW, x_stride, CHANNELS_LAST, BLOCK_J)
         d = tl.where(mask, tl.load(X + xi, mask=mask, other=0.0).to(ACC) - mean[None, :], 0.0)
         sum_d += tl.sum(d, axis=0)
         sum_d2 += tl.sum(d * d, axis=0)
@@ -181,11 +185,10 @@ def _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST: tl
                       BLOCK_C: tl.constexpr):
     """This program's tile of pixels x channels: its channels, mask, output offsets, x as loaded,
     and the per-channel scale and shift of u = x * scale + shift."""
-    j = (tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mask = (j < count)[:, None] & cmask[None, :]
-    xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+    mask, xi, oi = _chunk(tl.program_id(0).to(tl.int64) * BLOCK_J, count, c, cmask, C, HW, x_stride,
+                          CHANNELS_LAST, BLOCK_J)
     scale = tl.load(SCALE + c, mask=cmask, other=0.0)
     shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
     return c, cmask, mask, oi, tl.load(X + xi, mask=mask, other=0.0), scale[None, :], shift[None, :]
@@ -210,9 +213,7 @@ def _grad_sums_kernel(DY, X, MEAN, SCALE, SHIFT, SUM_G, SUM_GX, C, HW, count, ch
     sum_g = tl.zeros([BLOCK_C], dtype=ACC)
     sum_gx = tl.zeros([BLOCK_C], dtype=ACC)
     for j0 in range(j_begin, j_end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        mask = (j < j_end)[:, None] & cmask[None, :]
-        xi, oi = _indices(j[:, None], c[None, :], C, HW, x_stride, CHANNELS_LAST)
+        mask, xi, oi = _chunk(j0, j_end, c, cmask, C, HW, x_stride, CHANNELS_LAST, BLOCK_J)
         x = tl.load(X + xi, mask=mask, other=0.0).to(ACC)
         dy = tl.load(DY + oi, mask=mask, other=0.0).to(ACC)
         g = dy * activate_grad(x * scale[None, :] + shift[None, :], ACT)
