@@ -91,7 +91,8 @@ def resolve(op: str, impl: str | None, x: torch.Tensor,
     ``unsupported(backend)`` may add op-specific reasons (kernel size, stride, ...).
     """
     def reason(backend: str) -> str | None:
-        return why_not(op, backend, x.device, x.dtype) or (unsupported(backend) if unsupported else None)
+        # "is not None", not the function's truth value: Dynamo of torch 2.11 cannot branch on that.
+        return why_not(op, backend, x.device, x.dtype) or (unsupported(backend) if unsupported is not None else None)
 
     choice = requested_impl(op, impl)
     if choice != "auto":

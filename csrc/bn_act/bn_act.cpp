@@ -219,12 +219,12 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const Geometry g = geometry(x);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   at::Tensor y = empty_out(x, g);
-  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  const Affine affine = scale_shift(mean, invstd, weight, bias);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const ChannelTables<acc_t, 2> t({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()}, g.C);
+    const ChannelTables<acc_t, 2> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>()}, g.C);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       for_each_run(g, t, [&](const Run& r, const auto& ab) FB_LAMBDA_INLINE {
@@ -244,12 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   at::Tensor dx = empty_out(x, g);
-  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  const Affine affine = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const ChannelTables<acc_t, 3> t({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+    const ChannelTables<acc_t, 3> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
                                      mean.const_data_ptr<acc_t>()}, g.C);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
         return std::array<vec<acc_t>, 2>{d, d * xmu};
       });
       terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
-      const ChannelTables<acc_t, 5> tt({scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+      const ChannelTables<acc_t, 5> tt({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
                                         mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
                                         terms.b.const_data_ptr<acc_t>()}, g.C);
       scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();

@@ -89,8 +89,14 @@ void with_activation(int64_t activation, F&& f) {
 }
 
 // u = x * scale + shift, y = act(u): one formula for the forward and for u recomputed in backward.
-inline std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& mean, const at::Tensor& invstd,
-                                                     const at::Tensor& weight, const at::Tensor& bias) {
+// (A struct, not a pair: lambdas capture it, and capturing structured bindings needs C++20, while
+// older torch builds extensions as C++17.)
+struct Affine {
+  at::Tensor scale, shift;
+};
+
+inline Affine scale_shift(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                          const at::Tensor& bias) {
   at::Tensor scale = weight * invstd;
   return {scale, bias - mean * scale};
 }

@@ -152,9 +152,9 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_out(x, g);
-  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  const Affine affine = scale_shift(mean, invstd, weight, bias);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cuda", [&] {
-    with_activation(activation, [&](auto act) { forward_act<decltype(act)::value, scalar_t>(g, x, scale, shift, y); });
+    with_activation(activation, [&](auto act) { forward_act<decltype(act)::value, scalar_t>(g, x, affine.scale, affine.shift, y); });
   });
   return y;
 }
@@ -194,11 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = empty_out(x, g);
-  const auto [scale, shift] = scale_shift(mean, invstd, weight, bias);
+  const Affine affine = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cuda", [&] {
     with_activation(activation, [&](auto act) {
-      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, scale, shift, batch_stats, dx);
+      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, affine.scale, affine.shift, batch_stats,
+                                                           dx);
     });
   });
   return {dx, terms.dweight, terms.dbias};

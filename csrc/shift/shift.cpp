@@ -109,19 +109,19 @@ void shift_nhwc(const scalar_t* in, scalar_t* out, const Params& p, const Taps& 
 
 at::Tensor shift_cpu(const at::Tensor& in, int64_t kernel_size, int64_t dilation, int64_t stride, bool forward,
                      int64_t height = 0, int64_t width = 0) {
-  auto [out, p, channels_last] = shift::prepare(in, kernel_size, dilation, stride, forward, height, width);
-  if (out.numel() == 0) return out;
-  const Taps taps = shift::make_taps<shift::Divider>(p.C, kernel_size, dilation, forward);
+  const shift::Prepared job = shift::prepare(in, kernel_size, dilation, stride, forward, height, width);
+  if (job.out.numel() == 0) return job.out;
+  const Taps taps = shift::make_taps<shift::Divider>(job.p.C, kernel_size, dilation, forward);
   FB_DISPATCH_FLOATING_TYPES(in.scalar_type(), "shift_cpu", [&] {
     const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    if (channels_last) {
-      shift_nhwc<scalar_t>(src, dst, p, taps);
+    scalar_t* dst = job.out.mutable_data_ptr<scalar_t>();
+    if (job.channels_last) {
+      shift_nhwc<scalar_t>(src, dst, job.p, taps);
     } else {
-      shift_nchw<scalar_t>(src, dst, p, taps);
+      shift_nchw<scalar_t>(src, dst, job.p, taps);
     }
   });
-  return out;
+  return job.out;
 }
 
 at::Tensor shift_forward_cpu(const at::Tensor& x, int64_t kernel_size, int64_t dilation, int64_t stride) {

@@ -70,10 +70,15 @@ struct Params {
 
 // Checks the arguments of shift_forward (forward) or shift_backward (the adjoint, whose input is
 // the gradient of an output computed from a height x width input) and allocates the output in the
-// input's memory format. Returns (output, params, channels_last).
-inline std::tuple<at::Tensor, Params, bool> prepare(const at::Tensor& in, int64_t kernel_size, int64_t dilation,
-                                                    int64_t stride, bool forward, int64_t height = 0,
-                                                    int64_t width = 0) {
+// input's memory format.
+struct Prepared {
+  at::Tensor out;
+  Params p;
+  bool channels_last;
+};
+
+inline Prepared prepare(const at::Tensor& in, int64_t kernel_size, int64_t dilation, int64_t stride, bool forward,
+                        int64_t height = 0, int64_t width = 0) {
   const char* name = forward ? "x" : "grad";
   check_floating(in, name);
   const bool channels_last = is_channels_last_4d(in, name);

@@ -85,14 +85,14 @@ __global__ void shift_nhwc_kernel(const scalar_t* __restrict__ in, scalar_t* __r
 }
 
 template <typename scalar_t, typename U>
-void launch(const at::Tensor& in, at::Tensor& out, const Params& p, int64_t kernel_size, int64_t dilation,
-            bool forward, bool channels_last) {
+void launch(const at::Tensor& in, const shift::Prepared& job, int64_t kernel_size, int64_t dilation, bool forward) {
   constexpr int VEC = 16 / sizeof(scalar_t);
+  const Params& p = job.p;
   const auto taps = shift::make_taps<IntDivider<U>>(p.C, kernel_size, dilation, forward);
   const scalar_t* src = in.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+  scalar_t* dst = job.out.mutable_data_ptr<scalar_t>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (channels_last) {
+  if (job.channels_last) {
     const int64_t runs_per_pixel = (p.C + VEC - 1) / VEC;
     const int64_t n_runs = p.N * p.h_out * p.w_out * runs_per_pixel;
     shift_nhwc_kernel<scalar_t, VEC, U><<<cuda::num_blocks(n_runs), cuda::kThreads, 0, stream>>>(
@@ -110,20 +110,20 @@ void launch(const at::Tensor& in, at::Tensor& out, const Params& p, int64_t kern
 
 at::Tensor shift_cuda(const at::Tensor& in, int64_t kernel_size, int64_t dilation, int64_t stride, bool forward,
                       int64_t height = 0, int64_t width = 0) {
-  auto [out, p, channels_last] = shift::prepare(in, kernel_size, dilation, stride, forward, height, width);
-  if (out.numel() == 0) return out;
+  const shift::Prepared job = shift::prepare(in, kernel_size, dilation, stride, forward, height, width);
+  if (job.out.numel() == 0) return job.out;
   const c10::cuda::CUDAGuard guard(in.device());
   // 32-bit index decomposition when every index, and the grid-stride loop's last step, fits.
   const int64_t max_threads = 65535LL * 8 * cuda::kThreads;
-  const bool small = std::max(in.numel(), out.numel()) + max_threads < std::numeric_limits<int32_t>::max();
+  const bool small = std::max(in.numel(), job.out.numel()) + max_threads < std::numeric_limits<int32_t>::max();
   FB_DISPATCH_FLOATING_TYPES(in.scalar_type(), "shift_cuda", [&] {
     if (small) {
-      launch<scalar_t, uint32_t>(in, out, p, kernel_size, dilation, forward, channels_last);
+      launch<scalar_t, uint32_t>(in, job, kernel_size, dilation, forward);
     } else {
-      launch<scalar_t, uint64_t>(in, out, p, kernel_size, dilation, forward, channels_last);
+      launch<scalar_t, uint64_t>(in, job, kernel_size, dilation, forward);
     }
   });
-  return out;
+  return job.out;
 }
 
 at::Tensor shift_forward_cuda(const at::Tensor& x, int64_t kernel_size, int64_t dilation, int64_t stride) {
