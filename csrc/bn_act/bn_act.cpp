@@ -26,16 +26,34 @@ constexpr int64_t kGrain = 32768;  // values per parallel task
 
 using simd::vec;
 
+// NCHW planes smaller than a vector (3x3 and down for float: DenseNet's last blocks and MobileNet's
+// last stages at small inputs) would fill a fraction of each vector, one plane at a time. Each image's
+// C * HW values are contiguous, though, so such a tensor is traversed as a channels_last one of N
+// pixels with C * HW channels ("rows"), whose channel tables repeat each value HW times. Measured on
+// 2x2 / 3x3 planes, 1 thread: statistics, forward and backward 1.5-4.5x faster; from 4x4 up the
+// per-plane traversal wins (the expanded tables are re-read for every image).
+template <typename acc_t>
+bool use_rows(const Geometry& g) {
+  return !g.channels_last && g.HW < simd::lanes<acc_t>;
+}
+
+inline Geometry as_rows(const Geometry& g) {
+  return {g.N, g.C * g.HW, 1, g.x_stride, true};
+}
+
 // The per-channel tables a kernel reads (scale, shift, mean, ...), each copied into a buffer padded to
-// whole vectors: channels_last rows load them as full vectors at any channel offset.
+// whole vectors: channels_last rows load them as full vectors at any channel offset. In the rows
+// traversal value c of a table is repeated HW times.
 template <typename acc_t, int P>
 struct ChannelTables {
   std::array<std::vector<acc_t>, P> padded;
 
-  ChannelTables(const std::array<const acc_t*, P>& tables, int64_t C) {
+  ChannelTables(const std::array<const acc_t*, P>& tables, const Geometry& g) {
+    const int64_t repeat = use_rows<acc_t>(g) ? g.HW : 1;
     for (int i = 0; i < P; ++i) {
-      padded[i].assign(C + simd::lanes<acc_t>, acc_t(0));
-      std::copy(tables[i], tables[i] + C, padded[i].begin());
+      padded[i].assign(g.C * repeat + simd::lanes<acc_t>, acc_t(0));
+      for (int64_t c = 0; c < g.C; ++c)
+        std::fill_n(padded[i].begin() + c * repeat, repeat, tables[i][c]);
     }
   }
   // Channel c of every table on every lane (NCHW: one channel per plane).
@@ -99,6 +117,7 @@ FB_CPU_MULTIVERSION void pixel_runs(const Geometry& g, const ChannelTables<acc_t
 
 template <typename acc_t, int P, typename F>
 void for_each_run(const Geometry& g, const ChannelTables<acc_t, P>& t, const F& f) {
+  if (use_rows<acc_t>(g)) return for_each_run(as_rows(g), t, f);
   if (!g.channels_last) {
     at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.HW, 1)),
                      [&](int64_t b, int64_t e) { plane_runs(g, t, b, e, f); });
@@ -138,20 +157,20 @@ FB_CPU_MULTIVERSION void plane_sums(const Geometry& g, const ChannelTables<acc_t
   }
 }
 
-// acc[k * width + c] = the sums over the channels_last pixels [b, e).
+// acc[k * width + c - c0] = the sums over the channels_last pixels [b, e) of channels [c0, c1).
 template <typename acc_t, int K, int P, typename F>
 FB_CPU_MULTIVERSION void pixel_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
-                                    acc_t* acc, int64_t width, const F& f) {
+                                    int64_t c0, int64_t c1, acc_t* acc, int64_t width, const F& f) {
   constexpr int L = simd::lanes<acc_t>;
-  for (int64_t c = 0; c < g.C; c += L) {  // channel vectors outer: the K partial vectors stay in registers
+  for (int64_t c = c0; c < c1; c += L) {  // channel vectors outer: the K partial vectors stay in registers
     const auto params = t.load(c);
     std::array<vec<acc_t>, K> part{};
     for (int64_t r = b; r < e; ++r) {
-      const Run run = c + L <= g.C ? Run{r * g.x_stride + c, r * g.C + c, L, true}
-                                   : make_run(g, r * g.x_stride + c, r * g.C + c, g.C - c, L);
+      const Run run = c + L <= c1 ? Run{r * g.x_stride + c, r * g.C + c, L, true}
+                                  : make_run(g, r * g.x_stride + c, r * g.C + c, c1 - c, L);
       accumulate<acc_t, K>(part, f(run, params), run.n);
     }
-    for (int k = 0; k < K; ++k) simd::store(acc + k * width + c, part[k]);
+    for (int k = 0; k < K; ++k) simd::store(acc + k * width + c - c0, part[k]);
   }
 }
 
@@ -162,8 +181,22 @@ template <typename acc_t, int K, int P, typename F>
 std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, const F& f) {
   std::array<std::vector<acc_t>, K> sums;
   for (auto& s : sums) s.assign(g.C, acc_t(0));
+  const int64_t channels_per_task = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1));
+  if (use_rows<acc_t>(g)) {
+    // Tasks own channels: each sums its HW row columns per channel over the N rows, then folds them.
+    const Geometry rows = as_rows(g);
+    at::parallel_for(0, g.C, channels_per_task, [&](int64_t c0, int64_t c1) {
+      const int64_t j0 = c0 * g.HW, j1 = c1 * g.HW, width = j1 - j0 + simd::lanes<acc_t>;
+      std::vector<acc_t> acc(K * width);
+      pixel_sums<acc_t, K>(rows, t, 0, g.N, j0, j1, acc.data(), width, f);
+      for (int k = 0; k < K; ++k)
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t p = 0; p < g.HW; ++p) sums[k][c] += acc[k * width + (c - c0) * g.HW + p];
+    });
+    return sums;
+  }
   if (!g.channels_last) {
-    at::parallel_for(0, g.C, std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1)),
+    at::parallel_for(0, g.C, channels_per_task,
                      [&](int64_t c0, int64_t c1) { plane_sums<acc_t, K>(g, t, c0, c1, sums, f); });
     return sums;
   }
@@ -173,7 +206,8 @@ std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const ChannelT
   std::vector<acc_t> partial(chunks * K * width);
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ch = t0; ch < t1; ++ch)
-      pixel_sums<acc_t, K>(g, t, ch * chunk, std::min(rows, (ch + 1) * chunk), partial.data() + ch * K * width, width, f);
+      pixel_sums<acc_t, K>(g, t, ch * chunk, std::min(rows, (ch + 1) * chunk), 0, g.C, partial.data() + ch * K * width,
+                           width, f);
   });
   for (int64_t ch = 0; ch < chunks; ++ch)
     for (int k = 0; k < K; ++k)
@@ -193,12 +227,12 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const acc_t inv_count = g.count() > 0 ? acc_t(1) / acc_t(g.count()) : acc_t(0);
-    const ChannelTables<acc_t, 0> none({}, g.C);
+    const ChannelTables<acc_t, 0> none({}, g);
     auto s1 = channel_sums<acc_t, 1>(g, none, [&](const Run& r, const auto&) FB_LAMBDA_INLINE {
       return std::array<vec<acc_t>, 1>{simd::load_n<acc_t>(px + r.xi, r.n, r.whole)};
     })[0];
     for (auto& v : s1) v *= inv_count;
-    const ChannelTables<acc_t, 1> first_mean({s1.data()}, g.C);
+    const ChannelTables<acc_t, 1> first_mean({s1.data()}, g);
     auto s2 = channel_sums<acc_t, 2>(g, first_mean, [&](const Run& r, const auto& mu) FB_LAMBDA_INLINE {
       const vec<acc_t> d = simd::load_n<acc_t>(px + r.xi, r.n, r.whole) - mu[0];
       return std::array<vec<acc_t>, 2>{d, d * d};
@@ -224,7 +258,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const ChannelTables<acc_t, 2> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>()}, g.C);
+    const ChannelTables<acc_t, 2> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>()}, g);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       for_each_run(g, t, [&](const Run& r, const auto& ab) FB_LAMBDA_INLINE {
@@ -250,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
     const ChannelTables<acc_t, 3> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
-                                     mean.const_data_ptr<acc_t>()}, g.C);
+                                     mean.const_data_ptr<acc_t>()}, g);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       // g = dy * act'(u) with u = x * scale + shift recomputed from x; returns g and x - mean
@@ -266,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
       const ChannelTables<acc_t, 5> tt({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
                                         mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
-                                        terms.b.const_data_ptr<acc_t>()}, g.C);
+                                        terms.b.const_data_ptr<acc_t>()}, g);
       scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
       for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
         const auto [d, xmu] = grad_u(r, p);
