@@ -42,7 +42,7 @@ phase() {
 }
 
 extension_ok() {
-  "$PY" -c 'import sys, fastblocks._ext as e; sys.exit(0 if e.cuda_kernels_built() else (e.LOAD_ERROR or "no CUDA kernels"))'
+  "$PY" -c 'import sys, fastblocks._ext as e; sys.exit(e.why_no_cuda_kernels())'
 }
 
 {

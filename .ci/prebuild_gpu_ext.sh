@@ -24,6 +24,6 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0} TORCH_CUDA_ARCH_LIST=9.0 FAS
 so=fastblocks/_C$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 strip --strip-debug "$so"
 bash .ci/source_hash.sh >"$so.csrc-sha256"
-"$VENV/bin/python" -c 'import sys, fastblocks._ext as e; sys.exit(0 if e.cuda_kernels_built() else e.LOAD_ERROR)'
+"$VENV/bin/python" -c 'import sys, fastblocks._ext as e; sys.exit(e.why_no_cuda_kernels())'
 ls -la "$so" "$so.csrc-sha256"
 echo "prebuild: carry both files in the device call"

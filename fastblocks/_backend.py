@@ -64,8 +64,7 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
         if backend == "cuda":
             if device.type != "cuda":
                 return f"the cuda backend runs CUDA tensors; got a {device.type} tensor (use impl='cpp')"
-            if not _ext.cuda_kernels_built():
-                return f"fastblocks._C was built without CUDA kernels; {_ext.REBUILD_HINT} where nvcc is available"
+            return _ext.why_no_cuda_kernels()
         return None
     raise ValueError(f"unknown backend {backend!r}")
 

@@ -46,6 +46,16 @@ def cuda_kernels_built() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
+def why_no_cuda_kernels() -> str | None:
+    """Why the extension has no CUDA kernels here, or None when it has them."""
+    if _C is None:
+        return LOAD_ERROR
+    if cuda_kernels_built():
+        return None
+    return f"fastblocks._C was built without CUDA kernels; {REBUILD_HINT} where nvcc is available"
+
+
 def op(op_name: str):
     """The extension's raw kernel ``torch.ops.fastblocks_ext.<op_name>`` (no autograd)."""
     return getattr(torch.ops.fastblocks_ext, op_name)
+
