@@ -9,13 +9,16 @@ from torch import nn
 
 from fastblocks.ops.conv1x1 import conv1x1, conv1x1_backward, is_plain_1x1, run_conv
 
-# name -> x [N, C, H, W]: channels_last (the GEMM path); a channel slice of a wider channels_last
-# buffer and NCHW (aten's conv); N = 1, odd H, W.
+# name -> x [N, C, H, W]: channels_last (one GEMM), NCHW and a channel slice of a wider NCHW buffer
+# (a batched GEMM), a channel slice of a channels_last buffer (aten's conv: not a matrix); N = 1, odd H, W.
 INPUTS = {
     "channels_last": lambda dt: torch.randn(2, 12, 5, 7, dtype=dt).contiguous(memory_format=torch.channels_last),
-    "channel_slice": lambda dt: torch.randn(1, 20, 3, 9, dtype=dt).contiguous(memory_format=torch.channels_last)[:, :12],
     "contiguous": lambda dt: torch.randn(2, 12, 5, 7, dtype=dt),
+    "nchw_slice": lambda dt: torch.randn(3, 20, 5, 1, dtype=dt)[:, 4:16],
+    "channels_last_slice": lambda dt: torch.randn(1, 20, 3, 9, dtype=dt).contiguous(
+        memory_format=torch.channels_last)[:, :12],
 }
+GEMM = {"channels_last", "contiguous", "nchw_slice"}
 
 
 def _conv_nodes(y: torch.Tensor) -> set[str]:
@@ -39,7 +42,7 @@ def test_matches_conv2d(layout, bias, dtype):
     y = conv1x1(x, w, b)
     y_ref = F.conv2d(x, w, b)
     assert y.shape == y_ref.shape and y.stride() == y_ref.stride()
-    assert ("ConvolutionBackward0" in _conv_nodes(y)) != (layout == "channels_last")  # the documented path
+    assert ("ConvolutionBackward0" in _conv_nodes(y)) != (layout in GEMM)  # the documented path
     torch.testing.assert_close(y, y_ref)
     dy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
@@ -64,10 +67,11 @@ def test_backward_matches_aten(layout, mask):
             assert got is None
 
 
-def test_gradcheck_gemm_path():
-    x = INPUTS["channels_last"](torch.float64)[:, :, :3, :4].contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
+@pytest.mark.parametrize("layout", sorted(GEMM))
+def test_gradcheck_gemm_paths(layout):
+    x = INPUTS[layout](torch.float64).detach().requires_grad_()  # detach keeps the strides
     w = torch.randn(3, 12, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert "ConvolutionBackward0" not in _conv_nodes(conv1x1(x, w))
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(conv1x1, (x, w, b))
 

@@ -1,13 +1,18 @@
 """1x1 convolutions (the expand, project and squeeze convs of every block) as GEMMs on CPU.
 
-A channels_last [N, C, H, W] tensor is a row-major [N*H*W, C] matrix, so a 1x1 convolution with
-stride 1, no padding and one group is a single GEMM with the [O, C] weight, and its backward two.
-On CPU, aten runs these convs through its im2col path (``_slow_conv2d``), which measured (2 cores,
-fp32, torch 2.14) 1.2-2.8x slower than the GEMM forward and 1.3-2.5x forward+backward on
-MobileNetV2's pointwise convs at batch 4 @ 96, and 0.8-1.4x (about even) at batch 8 @ 224. So CPU
-channels_last fp32 / fp64 tensors take the GEMM; every other device, dtype and layout keeps
-``F.conv2d`` (cuDNN's 1x1 conv on CUDA is a GEMM already). Values equal the convolution's up to
-summation order.
+A 1x1 convolution with stride 1, no padding and one group is a matrix product with the [O, C]
+weight, and its backward two. Both CPU layouts are matrices already, so no copy is made:
+- channels_last: the [N*H*W, C] pixel matrix, one GEMM (``F.linear`` on a view);
+- NCHW (also a channel slice of a wider NCHW buffer, as DenseNet's concatenated input): N images,
+  each a [C, H*W] matrix, one batched GEMM (``torch.matmul`` broadcasting the weight).
+aten runs CPU 1x1 convs through its im2col path (``_slow_conv2d``) for channels_last, measured (2
+cores, fp32, torch 2.14) 1.2-2.8x slower than the GEMM forward and 1.3-2.5x forward+backward on
+MobileNetV2's pointwise convs at batch 4 @ 96, 0.8-1.4x (about even) at batch 8 @ 224; and through
+oneDNN for NCHW, which reorders to its blocked layout and back: 1.2-2.4x slower than the batched GEMM
+forward and 1.2-2.8x backward, from DenseNet's bottlenecks at batch 4 @ 64 to [64, 512, 14, 14].
+So CPU fp32 / fp64 tensors in either layout take the GEMM; other dtypes, other strides and every
+other device keep ``F.conv2d`` (cuDNN's 1x1 conv on CUDA is a GEMM already). Values equal the
+convolution's up to summation order.
 """
 from __future__ import annotations
 
@@ -20,8 +25,16 @@ from fastblocks.ops._common import is_channels_last
 _aten = torch.ops.aten
 
 
-def _as_gemm(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and is_channels_last(x)
+def _gemm_layout(x: Tensor) -> str | None:
+    """"pixels" (channels_last), "images" (each image a contiguous [C, H*W] matrix) or None (aten's conv)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if is_channels_last(x):
+        return "pixels"
+    _, C, H, W = x.shape
+    if (W == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == W) and (C == 1 or x.stride(1) == H * W):
+        return "images"
+    return None
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -35,27 +48,45 @@ def _from_rows(rows: Tensor, like: Tensor) -> Tensor:
     return rows.view(N, H, W, rows.shape[1]).permute(0, 3, 1, 2)
 
 
+def _images(t: Tensor) -> Tensor:
+    """[N, C, H, W] as N [C, H*W] matrices (a view for per-image contiguous tensors)."""
+    return t.flatten(2)
+
+
 def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` [O, C, 1, 1] (stride 1, no padding, one
-    group); a GEMM for CPU channels_last input. Differentiable (autograd of ``F.linear``)."""
+    group); a GEMM for CPU input in either layout. Differentiable (autograd of the matrix products)."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"conv1x1 needs x [N, C, H, W] and a weight [O, C, 1, 1] with the same C, got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
-    if not _as_gemm(x):
-        return F.conv2d(x, weight, bias)
-    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    layout = _gemm_layout(x)
+    if layout == "pixels":
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    if layout == "images":
+        y = torch.matmul(weight.flatten(1), _images(x))
+        if bias is not None:
+            y = y.add_(bias[:, None])  # the product's backward does not need y: safe in place
+        return y.view(x.shape[0], weight.shape[0], *x.shape[2:])
+    return F.conv2d(x, weight, bias)
 
 
 def conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor,
                      output_mask: tuple[bool, bool] = (True, True)) -> tuple[Tensor | None, Tensor | None]:
     """(grad_x, grad_weight) of :func:`conv1x1` without bias, each None where ``output_mask`` says so."""
-    if not _as_gemm(x):
+    layout = _gemm_layout(x)
+    if layout is None:
         dx, dw, _ = _aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                [*output_mask, False])
         return dx, dw
-    g = _rows(grad)
-    dx = _from_rows(g @ weight.flatten(1), x) if output_mask[0] else None
-    dw = (g.t() @ _rows(x)).view_as(weight) if output_mask[1] else None
+    w = weight.flatten(1)
+    if layout == "pixels":
+        g = _rows(grad)
+        dx = _from_rows(g @ w, x) if output_mask[0] else None
+        dw = (g.t() @ _rows(x)).view_as(weight) if output_mask[1] else None
+        return dx, dw
+    g = _images(grad)
+    dx = torch.matmul(w.t(), g).view(x.shape) if output_mask[0] else None
+    dw = torch.matmul(g, _images(x).transpose(1, 2)).sum(0).view_as(weight) if output_mask[1] else None
     return dx, dw
 
 
