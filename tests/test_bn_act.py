@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastblocks
 from fastblocks import ops
-from fastblocks.ops.bn_act import ACTIVATIONS, batch_stats
+from fastblocks.ops.bn_act import ACTIVATIONS, batch_stats, bn_act_backward
 from tests.conftest import require_backend
 
 LAYOUTS = ["contiguous", "channels_last", "slice", "slice_channels_last", "strided"]
@@ -121,6 +121,32 @@ def test_low_precision_error_within_twice_eager(backend, device, dtype, layout, 
     err_fb = (ops.bn_act(x, w, b, activation=activation, impl=backend)[0].double() - exact).abs().max()
     err_eager = (_reference(x, w.to(dtype), b.to(dtype), activation=activation).double() - exact).abs().max()
     assert err_fb <= 2 * err_eager + 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training, activation", [(True, "relu"), (False, "silu"), (True, "hardswish")])
+def test_backward_adds_into_grad_x(backend, device, layout, training, activation):
+    """DenseNet's accumulation: with grad_x, dx is added into it and nothing else in its buffer changes.
+    grad_x laid out like x (a slice of a buffer shaped like x's) is the fused path; a dense grad_x with
+    other strides (x a slice or channels_last) takes the separate add."""
+    require_backend("bn_act", backend, device)
+    x = _input((3, 6, 3, 5), layout, device=device)
+    shape = x.shape  # 3 columns for "strided"
+    mean, var = batch_stats(x, "torch")
+    invstd = torch.rsqrt(var + 1e-5)
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    grad = torch.randn(shape, device=device)
+    dx, dw, db = bn_act_backward(grad, x, mean, invstd, w, b, training, activation, backend)
+    base = x if x._base is None else x._base
+    for buf in (torch.randn_like(base), torch.randn(shape, device=device)):
+        before = buf.clone()
+        target = buf.as_strided(x.shape, x.stride(), x.storage_offset()) if buf.shape != shape else buf
+        out, dw2, db2 = bn_act_backward(grad, x, mean, invstd, w, b, training, activation, backend, grad_x=target)
+        assert out is target
+        torch.testing.assert_close((dw2, db2), (dw, db))
+        expected = before.clone()
+        expected.as_strided(x.shape, x.stride(), x.storage_offset()).add_(dx) if buf.shape != shape else expected.add_(dx)
+        torch.testing.assert_close(buf, expected)
 
 
 def test_affine_false_and_no_running_stats(backend):
@@ -238,6 +264,9 @@ def test_extension_checks_its_inputs():
         ext.bn_act_forward(x, c, c.double(), c, c, 1)
     with pytest.raises(RuntimeError, match="grad must be dense"):
         ext.bn_act_backward(x.transpose(2, 3), x, c, c, c, c, True, 1)
+    with pytest.raises(RuntimeError, match="grad_x must have the shape, strides"):
+        ext.bn_act_backward_into(x, x, c, c, c, c, True, 1, torch.zeros(2, 3, 4, 4).contiguous(
+            memory_format=torch.channels_last))
     for bad in (-1, len(ACTIVATIONS)):
         with pytest.raises(RuntimeError, match="activation must be a code"):
             ext.bn_act_forward(x, c, c, c, c, bad)

@@ -9,6 +9,10 @@
 //   bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation) -> (dx, dweight, dbias)
 //                                       recomputes act'(u) from x; with batch_stats, dx includes
 //                                       the gradient through the batch mean and variance
+//   bn_act_backward_into(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x)
+//                        -> (dweight, dbias)
+//                                       the same, dx added into grad_x (laid out like x) instead of
+//                                       written: DenseNet's shared gradient buffer, one pass
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -270,14 +274,14 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& mean, const at::Tensor& invstd,
-                                                            const at::Tensor& weight, const at::Tensor& bias,
-                                                            bool batch_stats, int64_t activation) {
+// dweight and dbias; dx is stored into `out` at the dense output indices, or with `accumulate` added
+// into `out` at x's indices (out laid out like x).
+BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                bool batch_stats, int64_t activation, at::Tensor& out, bool accumulate) {
   const Geometry g = geometry(x);
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
-  at::Tensor dx = empty_out(x, g);
   const Affine affine = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
@@ -301,14 +305,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       const ChannelTables<acc_t, 5> tt({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
                                         mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
                                         terms.b.const_data_ptr<acc_t>()}, g);
-      scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+      scalar_t* po = out.mutable_data_ptr<scalar_t>();
       for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
         const auto [d, xmu] = grad_u(r, p);
-        simd::store_n<acc_t>(pdx + r.oi, p[0] * (d - p[3] - xmu * p[4]), r.n);
+        const vec<acc_t> dx = p[0] * (d - p[3] - xmu * p[4]);
+        if (accumulate) {  // lanes past n are read (inside out's extent, like x's) but not stored
+          simd::store_n<acc_t>(po + r.xi, simd::load_n<acc_t>(po + r.xi, r.n, r.whole) + dx, r.n);
+        } else {
+          simd::store_n<acc_t>(po + r.oi, dx, r.n);
+        }
       });
     });
   });
+  return terms;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                                            const at::Tensor& weight, const at::Tensor& bias,
+                                                            bool batch_stats, int64_t activation) {
+  at::Tensor dx = empty_out(x, geometry(x));
+  const BackwardTerms terms = backward_cpu_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, dx, false);
   return {dx, terms.dweight, terms.dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_into_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                                     const at::Tensor& weight, const at::Tensor& bias, bool batch_stats,
+                                                     int64_t activation, at::Tensor& grad_x) {
+  check_laid_out_like_x(grad_x, x);
+  const BackwardTerms terms =
+      backward_cpu_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x, true);
+  return {terms.dweight, terms.dbias};
 }
 
 }  // namespace
@@ -318,12 +346,15 @@ TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
   m.def("bn_act_forward(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int activation) -> Tensor");
   m.def("bn_act_backward(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
         "bool batch_stats, int activation) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_backward_into(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "bool batch_stats, int activation, Tensor(a!) grad_x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
   m.impl("bn_act_stats", &stats_cpu);
   m.impl("bn_act_forward", &forward_cpu);
   m.impl("bn_act_backward", &backward_cpu);
+  m.impl("bn_act_backward_into", &backward_into_cpu);
 }
 
 }  // namespace bn_act

@@ -67,6 +67,13 @@ inline void check_grad(const at::Tensor& grad, const at::Tensor& x, const Geomet
               g.channels_last ? "channels_last" : "contiguous", "), got strides ", grad.strides());
 }
 
+// The target of bn_act_backward_into: x's shape, dtype, device and strides (so x's indices address it).
+inline void check_laid_out_like_x(const at::Tensor& grad_x, const at::Tensor& x) {
+  TORCH_CHECK(grad_x.sizes() == x.sizes() && grad_x.strides() == x.strides() &&
+                  grad_x.scalar_type() == x.scalar_type() && grad_x.device() == x.device(),
+              "grad_x must have the shape, strides, dtype and device of x");
+}
+
 // mean, invstd, weight and bias: contiguous [C] in x's accumulation dtype (float64 for float64 x,
 // else float32), on x's device.
 inline void check_channel_params(const at::Tensor& x, std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {

@@ -159,11 +159,13 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
   return y;
 }
 
-// dx, dweight, dbias for one activation, with g = dy * act'(u) and u recomputed from x.
+// dweight and dbias for one activation, with g = dy * act'(u) and u recomputed from x; dx is stored
+// into `out` at the dense output index, or with `accumulate` added into `out` at x's index (out laid
+// out like x). One thread per value: no two threads touch one element.
 template <int ACT, typename scalar_t>
 BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                            const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift, bool batch_stats,
-                           at::Tensor& dx) {
+                           at::Tensor& out, bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
   const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
@@ -176,11 +178,34 @@ BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::
   });
   BackwardTerms terms = backward_terms(sums[0], sums[1], invstd, g.count(), batch_stats);
   const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
-  scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+  scalar_t* po = out.mutable_data_ptr<scalar_t>();
   for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
     const acc_t xv = static_cast<acc_t>(px[xi]);
     const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
-    pdx[oi] = static_cast<scalar_t>(sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]));
+    const acc_t dx = sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]);
+    if (accumulate) {
+      po[xi] = static_cast<scalar_t>(static_cast<acc_t>(po[xi]) + dx);
+    } else {
+      po[oi] = static_cast<scalar_t>(dx);
+    }
+  });
+  return terms;
+}
+
+BackwardTerms backward_cuda_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                 bool batch_stats, int64_t activation, at::Tensor& out, bool accumulate) {
+  const Geometry g = geometry(x);
+  check_grad(grad, x, g);
+  check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Affine affine = scale_shift(mean, invstd, weight, bias);
+  BackwardTerms terms;
+  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cuda", [&] {
+    with_activation(activation, [&](auto act) {
+      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, affine.scale, affine.shift, batch_stats,
+                                                           out, accumulate);
+    });
   });
   return terms;
 }
@@ -189,20 +214,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              const at::Tensor& mean, const at::Tensor& invstd,
                                                              const at::Tensor& weight, const at::Tensor& bias,
                                                              bool batch_stats, int64_t activation) {
-  const Geometry g = geometry(x);
-  check_grad(grad, x, g);
-  check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = empty_out(x, g);
-  const Affine affine = scale_shift(mean, invstd, weight, bias);
-  BackwardTerms terms;
-  FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cuda", [&] {
-    with_activation(activation, [&](auto act) {
-      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, affine.scale, affine.shift, batch_stats,
-                                                           dx);
-    });
-  });
+  at::Tensor dx = empty_out(x, geometry(x));
+  const BackwardTerms terms =
+      backward_cuda_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, dx, false);
   return {dx, terms.dweight, terms.dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_into_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                      const at::Tensor& mean, const at::Tensor& invstd,
+                                                      const at::Tensor& weight, const at::Tensor& bias, bool batch_stats,
+                                                      int64_t activation, at::Tensor& grad_x) {
+  check_laid_out_like_x(grad_x, x);
+  const BackwardTerms terms =
+      backward_cuda_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x, true);
+  return {terms.dweight, terms.dbias};
 }
 
 }  // namespace
@@ -211,6 +236,7 @@ TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m) {
   m.impl("bn_act_stats", &stats_cuda);
   m.impl("bn_act_forward", &forward_cuda);
   m.impl("bn_act_backward", &backward_cuda);
+  m.impl("bn_act_backward_into", &backward_into_cuda);
 }
 
 }  // namespace bn_act

@@ -13,7 +13,8 @@ Memory-efficient path (``memory_efficient=True``, the default):
 - The whole block is one autograd.Function: it saves the buffer (once), each layer's bottleneck
   (the 1x1 conv output, bn_size * k channels) and the statistics. Its backward walks the layers in
   reverse and accumulates the gradient w.r.t. every layer's input into one shared gradient buffer
-  (``grad_buf[:, :c_l] += dx``), so autograd never sees the in-place writes into the buffer.
+  (``grad_buf[:, :c_l] += dx``, done by BN1's backward kernel as it computes dx: dx is never written
+  on its own and read back), so autograd never sees the in-place writes into the buffer.
 - Transitions run BN + ReLU, then the 2x2 average pool, then the 1x1 conv (pooling and a 1x1 conv
   commute, so the conv does 4x less work), and save only their input (the block buffer, already
   saved) and the statistics; the pool and conv are recomputed in backward.
@@ -164,10 +165,10 @@ class _DenseBlockFunction(torch.autograd.Function):
             aff1 = _affine(w_n1, b_n1, mean1)
             dz1, dw_c1 = _conv_backward(dbottleneck, bn_act_forward(x_i, mean1, invstd1, *aff1, "relu", impl), w_c1, 0)
             del dbottleneck
-            dx, dw_n1, db_n1 = bn_act_backward(dz1, x_i, mean1, invstd1, *aff1, uses_batch_stats(layer.norm1),
-                                               "relu", impl)
+            # BN1's input gradient is added into the shared buffer by the kernel itself
+            _, dw_n1, db_n1 = bn_act_backward(dz1, x_i, mean1, invstd1, *aff1, uses_batch_stats(layer.norm1),
+                                              "relu", impl, grad_x=grad_buf[:, :c])
             del dz1
-            grad_buf[:, :c] += dx
             for j, (p, dp) in enumerate(zip((w_n1, b_n1, w_c1, w_n2, b_n2, w_c2),
                                             (dw_n1, db_n1, dw_c1, dw_n2, db_n2, dw_c2))):
                 if p is not None:

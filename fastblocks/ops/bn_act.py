@@ -183,21 +183,21 @@ def _stats_kernel(X, MEAN, M2, C, HW, count, chunk, x_stride, CHANNELS_LAST: tl.
 @triton.jit
 def _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST: tl.constexpr, BLOCK_J: tl.constexpr,
                       BLOCK_C: tl.constexpr):
-    """This program's tile of pixels x channels: its channels, mask, output offsets, x as loaded,
-    and the per-channel scale and shift of u = x * scale + shift."""
+    """This program's tile of pixels x channels: its channels, mask, x and output offsets, x as
+    loaded, and the per-channel scale and shift of u = x * scale + shift."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mask, xi, oi = _chunk(tl.program_id(0).to(tl.int64) * BLOCK_J, count, c, cmask, C, HW, x_stride,
                           CHANNELS_LAST, BLOCK_J)
     scale = tl.load(SCALE + c, mask=cmask, other=0.0)
     shift = tl.load(SHIFT + c, mask=cmask, other=0.0)
-    return c, cmask, mask, oi, tl.load(X + xi, mask=mask, other=0.0), scale[None, :], shift[None, :]
+    return c, cmask, mask, xi, oi, tl.load(X + xi, mask=mask, other=0.0), scale[None, :], shift[None, :]
 
 
 @triton.jit
 def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    _, _, mask, oi, x, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
+    _, _, mask, _, oi, x, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
                                                         BLOCK_J, BLOCK_C)
     tl.store(Y + oi, activate(x.to(ACC) * scale + shift, ACT).to(x.dtype), mask=mask)
 
@@ -225,10 +225,11 @@ def _grad_sums_kernel(DY, X, MEAN, SCALE, SHIFT, SUM_G, SUM_GX, C, HW, count, ch
 
 @triton.jit
 def _dx_kernel(DY, X, MEAN, SCALE, SHIFT, A, B, DX, C, HW, count, x_stride, ACT: tl.constexpr,
-               BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """dx = scale * (g - a - (x - mean) * b); a = b = 0 with running statistics."""
-    c, cmask, mask, oi, xr, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
+               BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = scale * (g - a - (x - mean) * b); a = b = 0 with running statistics. ACCUMULATE: dx is
+    added into DX, laid out like x (at x's offsets), instead of stored into the dense DX."""
+    c, cmask, mask, xi, oi, xr, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
                                                              BLOCK_J, BLOCK_C)
     x = xr.to(ACC)
     g = tl.load(DY + oi, mask=mask, other=0.0).to(ACC) * activate_grad(x * scale + shift, ACT)
@@ -237,7 +238,11 @@ def _dx_kernel(DY, X, MEAN, SCALE, SHIFT, A, B, DX, C, HW, count, x_stride, ACT:
         a = tl.load(A + c, mask=cmask, other=0.0)
         b = tl.load(B + c, mask=cmask, other=0.0)
         g = g - a[None, :] - (x - mean[None, :]) * b[None, :]
-    tl.store(DX + oi, (scale * g).to(xr.dtype), mask=mask)
+    if ACCUMULATE:
+        total = tl.load(DX + xi, mask=mask, other=0.0).to(ACC) + scale * g
+        tl.store(DX + xi, total.to(xr.dtype), mask=mask)
+    else:
+        tl.store(DX + oi, (scale * g).to(xr.dtype), mask=mask)
 
 
 def _tiles(C: int, channels_last: bool) -> tuple[int, int]:
@@ -288,9 +293,9 @@ def _forward_triton(x, mean, invstd, weight, bias, activation, channels_last):
 
 
 @launches_on_input_device
-def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last):
+def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last, grad_x=None):
     C, HW, count, xs = _geometry(x, channels_last)
-    dx = _empty_out(x, channels_last)
+    dx = _empty_out(x, channels_last) if grad_x is None else grad_x
     if not dx.numel():
         return dx, torch.zeros_like(mean), torch.zeros_like(mean)
     scale, shift = _scale_shift(mean, invstd, weight, bias)
@@ -304,7 +309,7 @@ def _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activatio
     a, b = dbias / count, dweight * invstd / count  # the gradient through the batch mean and variance
     _dx_kernel[(triton.cdiv(count, bj), triton.cdiv(C, bc))](
         grad, x, mean, scale, shift, a, b, dx, C, HW, count, xs, ACT=act, BATCH_STATS=batch_stats,
-        CHANNELS_LAST=channels_last, ACC=acc, BLOCK_J=bj, BLOCK_C=bc)
+        ACCUMULATE=grad_x is not None, CHANNELS_LAST=channels_last, ACC=acc, BLOCK_J=bj, BLOCK_C=bc)
     return dx, dweight, dbias
 
 
@@ -335,15 +340,28 @@ def bn_act_forward(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias
 
 
 def bn_act_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
-                    batch_stats: bool, activation: str, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dx is dense in x's layout (channels_last or NCHW)."""
+                    batch_stats: bool, activation: str, impl: str,
+                    grad_x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dx is dense in x's layout (channels_last or NCHW).
+
+    With ``grad_x`` (x's shape and dtype; DenseNet's shared gradient buffer), dx is added into it and
+    ``grad_x`` is returned as dx. When it has x's strides (a slice of a buffer shaped like x's) the
+    kernels add as they go: dx is never written on its own and read back.
+    """
+    x_in = x
     x, channels_last = _normalise(x)
     grad = grad.contiguous(memory_format=_format(channels_last))
+    if grad_x is not None and (x is not x_in or grad_x.stride() != x.stride() or impl == "torch"):
+        dx, dweight, dbias = bn_act_backward(grad, x, mean, invstd, weight, bias, batch_stats, activation, impl)
+        return grad_x.add_(dx), dweight, dbias
     if impl == "torch":
         return _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last)
     if impl == "triton":
-        return _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last)
-    return _ext.op("bn_act_backward")(grad, x, mean, invstd, weight, bias, batch_stats, ACTIVATIONS.index(activation))
+        return _backward_triton(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last, grad_x)
+    code = ACTIVATIONS.index(activation)
+    if grad_x is not None:
+        return grad_x, *_ext.op("bn_act_backward_into")(grad, x, mean, invstd, weight, bias, batch_stats, code, grad_x)
+    return _ext.op("bn_act_backward")(grad, x, mean, invstd, weight, bias, batch_stats, code)
 
 
 # ---------------------------------------------------------------------------------------------
