@@ -27,6 +27,10 @@ def check_same(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
 
 def dense(t: Tensor) -> Tensor:
     """``t`` itself when its storage is dense (any dimension order), else a contiguous copy."""
+    # the two common layouts first: the general check is Python (symbolic-shape aware) and cost
+    # ~100 us a call on CPU, a third of a hard-swish over [8, 240, 28, 28]
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
     return t if is_non_overlapping_and_dense_or_false(t) else t.contiguous()
 
 
