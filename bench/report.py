@@ -3,8 +3,10 @@
     python -m bench.report show bench/results/<run>.json             # Markdown tables of one run
     python -m bench.report compare OLD.json NEW.json                  # per-case speed change NEW vs OLD
 
-Ratios are speedups: ``× eager`` = eager median / fastblocks median (> 1 means fastblocks is faster);
-memory ratios are fastblocks / eager (< 1 means fastblocks uses less).
+Ratios are speedups: ``× eager`` = eager time / fastblocks time (> 1 means fastblocks is faster);
+memory ratios are fastblocks / eager (< 1 means fastblocks uses less). A case's time is the statistic
+the run recorded in ``extra_info["statistic"]``: the median of the rounds on a GPU, the minimum on a
+CPU (see bench/harness.py), the median for files written before that field existed.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def _groups(data: dict) -> dict[tuple, dict[str, dict]]:
     return groups
 
 
-def _median(b: dict | None) -> float | None:
-    return b["stats"]["median"] if b else None
+def seconds(b: dict | None) -> float | None:
+    """One benchmark's time: the statistic its run chose (median on a GPU, minimum on a CPU)."""
+    return b["stats"][b.get("extra_info", {}).get("statistic", "median")] if b else None
 
 
 def _ratio(num, den) -> str:
@@ -44,7 +47,7 @@ def best_fastblocks(variants: dict[str, dict]) -> tuple[str | None, dict | None]
     fb = {v: b for v, b in variants.items() if v.startswith("fastblocks")}
     if not fb:
         return None, None
-    name = min(fb, key=lambda v: fb[v]["stats"]["median"])
+    name = min(fb, key=lambda v: seconds(fb[v]))
     return name, fb[name]
 
 
@@ -57,9 +60,9 @@ def headline_rows(data: dict) -> list[dict]:
         e_info = eager["extra_info"] if eager else {}
         rows.append({
             "op": op, "case": case, "pass": pass_, "best": name,
-            "eager_ms": _median(eager), "compile_ms": _median(compiled), "fb_ms": _median(fb),
-            "x_eager": (_median(eager) / _median(fb)) if eager and fb else None,
-            "x_compile": (_median(compiled) / _median(fb)) if compiled and fb else None,
+            "eager_ms": seconds(eager), "compile_ms": seconds(compiled), "fb_ms": seconds(fb),
+            "x_eager": (seconds(eager) / seconds(fb)) if eager and fb else None,
+            "x_compile": (seconds(compiled) / seconds(fb)) if compiled and fb else None,
             "peak_ratio": (info.get("peak_mem_bytes") / e_info["peak_mem_bytes"])
             if info.get("peak_mem_bytes") and e_info.get("peak_mem_bytes") else None,
             "saved_ratio": (info.get("saved_bytes") / e_info["saved_bytes"])
@@ -79,7 +82,7 @@ def markdown(data: dict, headline_only: bool = False) -> str:
     out = [f"## fastblocks benchmarks — {first.get('device', '?')}, {first.get('dtype', '?')}, "
            f"{first.get('layout', '?')}, size={first.get('size', '?')}",
            f"torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}; "
-           f"{data.get('datetime', '')[:16]}", "",
+           f"{data.get('datetime', '')[:16]}; times: {first.get('statistic', 'median')} of the rounds", "",
            "| op | case | pass | eager ms | compile ms | fastblocks ms (best) | × eager | × compile | "
            "peak mem fb/eager | saved fb/eager | copy BW | img/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -93,13 +96,14 @@ def markdown(data: dict, headline_only: bool = False) -> str:
     if headline_only:
         return "\n".join(out)
     out += ["", "### Every variant", "",
-            "| op | case | pass | variant | median ms | × eager | × compile | GB/s | copy BW | peak MiB | "
+            f"| op | case | pass | variant | {first.get('statistic', 'median')} ms | × eager | × compile | GB/s | "
+            "copy BW | peak MiB | "
             "saved MiB | items/s | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (op, case, pass_), variants in _groups(data).items():
-        e, c = _median(variants.get("eager")), _median(variants.get("compile"))
+        e, c = seconds(variants.get("eager")), seconds(variants.get("compile"))
         for v, b in variants.items():
-            i, m = b["extra_info"], _median(b)
+            i, m = b["extra_info"], seconds(b)
             out.append(f"| {op} | {case} | {pass_} | {v} | {m * 1e3:.3f} | {_ratio(e, m)} | {_ratio(c, m)} | "
                        f"{i.get('gbps', '–')} | {i.get('copy_bw_frac', '–')} | {_mib(i.get('peak_mem_bytes'))} | "
                        f"{_mib(i.get('saved_bytes'))} | {i.get('items_per_s', '–')} | {i.get('compile_s', '–')} |")
@@ -151,7 +155,7 @@ def compare(old: dict, new: dict) -> str:
     lines = ["| benchmark | old ms | new ms | new speedup |", "|---|---|---|---|"]
     for b in new["benchmarks"]:
         if b["fullname"] in o:
-            mo, mn = _median(o[b["fullname"]]), _median(b)
+            mo, mn = seconds(o[b["fullname"]]), seconds(b)
             lines.append(f"| {b['fullname'].split('::')[-1]} | {mo * 1e3:.3f} | {mn * 1e3:.3f} | {mo / mn:.2f}× |")
     return "\n".join(lines)
 
