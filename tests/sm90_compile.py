@@ -112,6 +112,7 @@ def _cases():
                 yield f"dwconv_bn_act k3 s{stride} silu {tag}", lambda m=m, x=x: (step(m, x), step(m, x, False))
             yield f"bn_act {tag}", lambda x=image(dtype, layout): _bn_act_step(ops, x)
             yield f"bn_act channel slice {tag}", lambda x=image(dtype, layout)[:, 8:40]: _bn_act_step(ops, x)
+            yield f"bn_act backward into a gradient buffer {tag}", lambda x=image(dtype, layout): _bn_act_backward_into(x)
             se = fnn.SqueezeExcite(64, 16, impl="triton").to(dtype)
             yield f"squeeze_excite {tag}", lambda x=image(dtype, layout): step(se, x)
             for stride in (1, 2):
@@ -144,6 +145,14 @@ def _bn_act_step(ops, x, activation="relu"):
     y = ops.bn_act(xg, w, b, activation=activation, impl="triton")[0]
     y.backward(torch.ones_like(y))
     ops.bn_act(x, w, b, torch.zeros(C), torch.ones(C), training=False, activation=activation, impl="triton")
+
+
+def _bn_act_backward_into(image):
+    """DenseNet's backward: dx of the channel slice image[:, 8:40] added into a buffer laid out like image."""
+    from fastblocks.ops.bn_act import bn_act_backward
+    x, grad_x = image[:, 8:40], torch.zeros_like(image)[:, 8:40]
+    p = torch.ones(x.shape[1])
+    bn_act_backward(torch.ones_like(x), x, p, p, p, p, True, "relu", "triton", grad_x=grad_x)
 
 
 def _activation_steps(ops, x):
