@@ -112,7 +112,8 @@ def _cases():
                 yield f"dwconv_bn_act k3 s{stride} silu {tag}", lambda m=m, x=x: (step(m, x), step(m, x, False))
             yield f"bn_act {tag}", lambda x=image(dtype, layout): _bn_act_step(ops, x)
             yield f"bn_act channel slice {tag}", lambda x=image(dtype, layout)[:, 8:40]: _bn_act_step(ops, x)
-            yield f"bn_act backward into a gradient buffer {tag}", lambda x=image(dtype, layout): _bn_act_backward_into(x)
+            yield f"bn_act backward into a gradient buffer {tag}", lambda x=image(dtype, layout): (
+                _bn_act_backward_into(x))
             se = fnn.SqueezeExcite(64, 16, impl="triton").to(dtype)
             yield f"squeeze_excite {tag}", lambda x=image(dtype, layout): step(se, x)
             for stride in (1, 2):

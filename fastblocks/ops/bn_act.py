@@ -198,7 +198,7 @@ def _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST: tl
 def _forward_kernel(X, SCALE, SHIFT, Y, C, HW, count, x_stride, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     _, _, mask, _, oi, x, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
-                                                        BLOCK_J, BLOCK_C)
+                                                           BLOCK_J, BLOCK_C)
     tl.store(Y + oi, activate(x.to(ACC) * scale + shift, ACT).to(x.dtype), mask=mask)
 
 
@@ -229,8 +229,8 @@ def _dx_kernel(DY, X, MEAN, SCALE, SHIFT, A, B, DX, C, HW, count, x_stride, ACT:
                BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = scale * (g - a - (x - mean) * b); a = b = 0 with running statistics. ACCUMULATE: dx is
     added into DX, laid out like x (at x's offsets), instead of stored into the dense DX."""
-    c, cmask, mask, xi, oi, xr, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride, CHANNELS_LAST,
-                                                             BLOCK_J, BLOCK_C)
+    c, cmask, mask, xi, oi, xr, scale, shift = _elementwise_tile(X, SCALE, SHIFT, C, HW, count, x_stride,
+                                                                 CHANNELS_LAST, BLOCK_J, BLOCK_C)
     x = xr.to(ACC)
     g = tl.load(DY + oi, mask=mask, other=0.0).to(ACC) * activate_grad(x * scale + shift, ACT)
     if BATCH_STATS:
