@@ -55,7 +55,8 @@ def test_conv_norm_act_inference_is_one_onednn_call(onednn_calls, activation, la
         y = fb(x)
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=layout)
-    assert onednn_calls == [x.shape]
+    nchw_1x1 = kernel_size == 1 and layout == torch.contiguous_format  # conv1x1's batched GEMM is faster
+    assert onednn_calls == ([] if nchw_1x1 else [x.shape])
 
 
 def test_folds_a_conv_bias_and_a_norm_without_affine(onednn_calls):

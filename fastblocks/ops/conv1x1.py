@@ -27,7 +27,7 @@ from fastblocks.ops._common import is_channels_last
 _aten = torch.ops.aten
 
 
-def _gemm_layout(x: Tensor) -> str | None:
+def gemm_layout(x: Tensor) -> str | None:
     """"pixels" (channels_last), "images" (each image a contiguous [C, H*W] matrix) or None (aten's conv)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
@@ -61,7 +61,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"conv1x1 needs x [N, C, H, W] and a weight [O, C, 1, 1] with the same C, got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
-    layout = _gemm_layout(x)
+    layout = gemm_layout(x)
     if layout == "pixels":
         return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
     if layout == "images":
@@ -75,7 +75,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor,
                      output_mask: tuple[bool, bool] = (True, True)) -> tuple[Tensor | None, Tensor | None]:
     """(grad_x, grad_weight) of :func:`conv1x1` without bias, each None where ``output_mask`` says so."""
-    layout = _gemm_layout(x)
+    layout = gemm_layout(x)
     if layout is None:
         dx, dw, _ = _aten.convolution_backward(grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                                [*output_mask, False])

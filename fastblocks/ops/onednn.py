@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastblocks.ops._common import plain_eager
+from fastblocks.ops.conv1x1 import gemm_layout, is_plain_1x1
 
 # fastblocks activation name -> (oneDNN post-op, its scalars)
 _POST_OPS = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
@@ -50,12 +51,18 @@ def _onednn_op():
 
 
 def can_fuse(x: Tensor, conv: nn.Module, norm: nn.Module | None = None, activation: str | None = None) -> bool:
-    """True when ``activation(norm(conv(x)))`` can run as one oneDNN convolution here: CPU float32,
-    a plain zero-padded ``nn.Conv2d``, an eval-mode ``nn.BatchNorm2d`` with running statistics (or
-    no norm), an activation oneDNN fuses, no gradient recorded, plain eager mode."""
+    """True when ``activation(norm(conv(x)))`` can run as one oneDNN convolution here and that is the
+    faster route: CPU float32, a plain zero-padded ``nn.Conv2d``, an eval-mode ``nn.BatchNorm2d`` with
+    running statistics (or no norm), an activation oneDNN fuses, no gradient recorded, plain eager
+    mode; and not a plain 1x1 conv on NCHW input, which is faster as :func:`fastblocks.ops.conv1x1`'s
+    batched GEMM followed by the unfused norm and activation (oneDNN reorders NCHW to its blocked
+    layout and back; inference at bs 8 @ 224, NCHW, 2 threads: MobileNetV2 103 -> 88 ms, MobileNetV3-
+    Large 68 -> 59, EfficientNet-B0 142 -> 137, SqueezeNet 1.1 93 -> 87)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or activation not in _POST_OPS
             or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
             or conv._forward_hooks or conv._forward_pre_hooks):
+        return False
+    if is_plain_1x1(conv) and gemm_layout(x) == "images":
         return False
     tensors = [x, conv.weight, conv.bias]
     if norm is not None:
