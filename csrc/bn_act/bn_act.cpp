@@ -274,8 +274,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
   return y;
 }
 
-// dweight and dbias; dx is stored into `out` at the dense output indices, or with `accumulate` added
-// into `out` at x's indices (out laid out like x).
+// The CPU BackwardImpl (bn_act.h).
 BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                 const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                 bool batch_stats, int64_t activation, at::Tensor& out, bool accumulate) {
@@ -320,25 +319,6 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
   return terms;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                            const at::Tensor& mean, const at::Tensor& invstd,
-                                                            const at::Tensor& weight, const at::Tensor& bias,
-                                                            bool batch_stats, int64_t activation) {
-  at::Tensor dx = empty_out(x, geometry(x));
-  const BackwardTerms terms = backward_cpu_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, dx, false);
-  return {dx, terms.dweight, terms.dbias};
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_into_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                                     const at::Tensor& weight, const at::Tensor& bias, bool batch_stats,
-                                                     int64_t activation, at::Tensor& grad_x) {
-  check_laid_out_like_x(grad_x, x);
-  const BackwardTerms terms =
-      backward_cpu_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x, true);
-  return {terms.dweight, terms.dbias};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
@@ -353,8 +333,8 @@ TORCH_LIBRARY_FRAGMENT(fastblocks_ext, m) {
 TORCH_LIBRARY_IMPL(fastblocks_ext, CPU, m) {
   m.impl("bn_act_stats", &stats_cpu);
   m.impl("bn_act_forward", &forward_cpu);
-  m.impl("bn_act_backward", &backward_cpu);
-  m.impl("bn_act_backward_into", &backward_into_cpu);
+  m.impl("bn_act_backward", &backward_op<backward_cpu_impl>);
+  m.impl("bn_act_backward_into", &backward_into_op<backward_cpu_impl>);
 }
 
 }  // namespace bn_act

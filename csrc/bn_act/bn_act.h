@@ -122,5 +122,34 @@ inline BackwardTerms backward_terms(const at::Tensor& sum_dy, const at::Tensor& 
   return {dweight, sum_dy, sum_dy / count, dweight * invstd / count};
 }
 
+// A device's backward (backward_cpu_impl, backward_cuda_impl): dweight and dbias; dx is stored into
+// `out` at the dense output indices or, with `accumulate`, added into `out` at x's indices (out laid
+// out like x). The two registered backward ops wrap it.
+using BackwardImpl = BackwardTerms (*)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                                       bool batch_stats, int64_t activation, at::Tensor& out, bool accumulate);
+
+// bn_act_backward -> (dx, dweight, dbias), dx dense in x's layout.
+template <BackwardImpl impl>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& mean, const at::Tensor& invstd,
+                                                           const at::Tensor& weight, const at::Tensor& bias,
+                                                           bool batch_stats, int64_t activation) {
+  at::Tensor dx = empty_out(x, geometry(x));
+  const BackwardTerms terms = impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, dx, false);
+  return {dx, terms.dweight, terms.dbias};
+}
+
+// bn_act_backward_into -> (dweight, dbias), dx added into grad_x.
+template <BackwardImpl impl>
+std::tuple<at::Tensor, at::Tensor> backward_into_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                                    const at::Tensor& invstd, const at::Tensor& weight,
+                                                    const at::Tensor& bias, bool batch_stats, int64_t activation,
+                                                    at::Tensor& grad_x) {
+  check_laid_out_like_x(grad_x, x);
+  const BackwardTerms terms = impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x, true);
+  return {terms.dweight, terms.dbias};
+}
+
 }  // namespace bn_act
 }  // namespace fastblocks

@@ -192,6 +192,7 @@ BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::
   return terms;
 }
 
+// The CUDA BackwardImpl (bn_act.h).
 BackwardTerms backward_cuda_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                  const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
                                  bool batch_stats, int64_t activation, at::Tensor& out, bool accumulate) {
@@ -210,33 +211,13 @@ BackwardTerms backward_cuda_impl(const at::Tensor& grad, const at::Tensor& x, co
   return terms;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                             const at::Tensor& mean, const at::Tensor& invstd,
-                                                             const at::Tensor& weight, const at::Tensor& bias,
-                                                             bool batch_stats, int64_t activation) {
-  at::Tensor dx = empty_out(x, geometry(x));
-  const BackwardTerms terms =
-      backward_cuda_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, dx, false);
-  return {dx, terms.dweight, terms.dbias};
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_into_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                                      const at::Tensor& mean, const at::Tensor& invstd,
-                                                      const at::Tensor& weight, const at::Tensor& bias, bool batch_stats,
-                                                      int64_t activation, at::Tensor& grad_x) {
-  check_laid_out_like_x(grad_x, x);
-  const BackwardTerms terms =
-      backward_cuda_impl(grad, x, mean, invstd, weight, bias, batch_stats, activation, grad_x, true);
-  return {terms.dweight, terms.dbias};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m) {
   m.impl("bn_act_stats", &stats_cuda);
   m.impl("bn_act_forward", &forward_cuda);
-  m.impl("bn_act_backward", &backward_cuda);
-  m.impl("bn_act_backward_into", &backward_into_cuda);
+  m.impl("bn_act_backward", &backward_op<backward_cuda_impl>);
+  m.impl("bn_act_backward_into", &backward_into_op<backward_cuda_impl>);
 }
 
 }  // namespace bn_act
