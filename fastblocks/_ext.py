@@ -58,4 +58,3 @@ def why_no_cuda_kernels() -> str | None:
 def op(op_name: str):
     """The extension's raw kernel ``torch.ops.fastblocks_ext.<op_name>`` (no autograd)."""
     return getattr(torch.ops.fastblocks_ext, op_name)
-

@@ -25,6 +25,13 @@ def check_same(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
 
 
+def images_contiguous(t: Tensor) -> bool:
+    """Each image's [C, H, W] block of a 4-D tensor is contiguous (NCHW, or a channel slice of an NCHW
+    buffer): ``t[0].is_contiguous()`` without making the view."""
+    _, C, H, W = t.shape
+    return (W == 1 or t.stride(3) == 1) and (H == 1 or t.stride(2) == W) and (C == 1 or t.stride(1) == H * W)
+
+
 def dense(t: Tensor) -> Tensor:
     """``t`` itself when its storage is dense (any dimension order), else a contiguous copy."""
     # the two common layouts first: the general check is Python (symbolic-shape aware) and cost

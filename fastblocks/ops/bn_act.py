@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, custom_op, like
+from fastblocks.ops._common import check_tensor, custom_op, images_contiguous, like
 from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, split_work, tl, triton
 from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _combine_stats, _torch_act, _torch_act_backward
 
@@ -48,8 +48,8 @@ def _slice_layout(x: Tensor) -> bool | None:
     contiguous, uniform pixel stride), None otherwise. Mirrors geometry() in csrc/bn_act/bn_act.h."""
     N, C, H, W = x.shape
     sN, sC, sH, sW = x.stride()
-    if x.numel() == 0 or ((W == 1 or sW == 1) and (H == 1 or sH == W) and (C == 1 or sC == H * W)):
-        return False  # x[0].is_contiguous(), without making the view (this runs several times per call)
+    if x.numel() == 0 or images_contiguous(x):
+        return False
     s = sW if W > 1 else sH if H > 1 else sN if N > 1 else C
     nhwc = (C == 1 or sC == 1) and (W == 1 or sW == s) and (H == 1 or sH == W * s) and (N == 1 or sN == H * W * s)
     return True if nhwc else None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastblocks.ops._common import is_channels_last
+from fastblocks.ops._common import images_contiguous, is_channels_last
 
 _aten = torch.ops.aten
 
@@ -33,10 +33,7 @@ def gemm_layout(x: Tensor) -> str | None:
         return None
     if is_channels_last(x):
         return "pixels"
-    _, C, H, W = x.shape
-    if (W == 1 or x.stride(3) == 1) and (H == 1 or x.stride(2) == W) and (C == 1 or x.stride(1) == H * W):
-        return "images"
-    return None
+    return "images" if images_contiguous(x) else None
 
 
 def _rows(t: Tensor) -> Tensor:
