@@ -69,7 +69,8 @@ std::array<at::Tensor, 5> squeeze_excite_excitation_backward(const at::Tensor& p
                                                              const SqueezeExciteWeights& w, int64_t activation,
                                                              bool hard_sigmoid, int64_t HW) {
   const auto [h, a, z, s] = squeeze_excite_excitation(pooled, w, activation, hard_sigmoid);
-  at::Tensor dz = hard_sigmoid ? at::hardsigmoid_backward(dyx, z) : at::sigmoid_backward(dyx, s);
+  // Not at::hardsigmoid_backward: it multiplies by 1/6 rounded to float, also in float64 (1e-8 off).
+  at::Tensor dz = hard_sigmoid ? dyx.div(6).mul_(z.gt(-3).logical_and_(z.lt(3))) : at::sigmoid_backward(dyx, s);
   at::Tensor da = at::mm(dz, w[2]), dh;
   switch (activation) {
     case kReLU: dh = at::threshold_backward(da, h, 0); break;

@@ -1,0 +1,118 @@
+"""Builds fastblocks' CUDA kernels (csrc/*/*.cu) for the CPU emulator and loads them.
+
+The sources are copied with three rewrites, then compiled as C++ with cuda_emu.h force-included:
+  - kernel<<<grid, block, smem, stream>>>(args);  ->  cuda_emu::launch([&] { kernel(args); }, grid, block, smem, stream);
+  - extern __shared__ T name[];                    ->  T* name = <the emulator's dynamic shared memory>;
+  - the op library fastblocks_ext becomes fastblocks_cuda_emu, and the CUDA registrations are made
+    for CPU tensors (the CPU kernels' registrations are dropped), so that the emulated CUDA kernels
+    are torch.ops.fastblocks_cuda_emu.<op> on CPU tensors, beside the real CPU ones.
+
+    python -m tests.cuda_emu.build     # builds (incrementally, under build/cuda_emu) and lists the ops
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIBRARY = "fastblocks_cuda_emu"
+
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_KERNEL_NAME = re.compile(r"[\w:]+(<.*>)?", re.S)
+
+
+def _closing(text: str, start: int, open_ch: str, close_ch: str) -> int:
+    """Index of the bracket closing the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += (text[i] == open_ch) - (text[i] == close_ch)
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced {open_ch!r} at offset {start}")
+
+
+def rewrite_launches(text: str, path: str) -> str:
+    out, pos = [], 0
+    while (open_ := text.find("<<<", pos)) != -1:
+        stmt_start = max(text.rfind(c, 0, open_) for c in ";{}") + 1
+        kernel = text[stmt_start:open_].strip()
+        if not _KERNEL_NAME.fullmatch(kernel):
+            raise ValueError(f"{path}: cannot parse the kernel of the launch {kernel!r}<<<...")
+        close = text.index(">>>", open_)
+        config = text[open_ + 3:close]
+        args_open = text.index("(", close)
+        args_close = _closing(text, args_open, "(", ")")
+        if text[close + 3:args_open].strip() or not text[args_close + 1:].lstrip().startswith(";"):
+            raise ValueError(f"{path}: unexpected text around the launch of {kernel}")
+        lead = text[stmt_start:open_][: len(text[stmt_start:open_]) - len(text[stmt_start:open_].lstrip())]
+        out.append(text[pos:stmt_start] + lead)
+        out.append(f"::cuda_emu::launch([&] {{ {kernel}({text[args_open + 1:args_close]}); }}, {config})")
+        pos = args_close + 1
+    return "".join(out) + text[pos:]
+
+
+def rewrite(text: str, path: str) -> str:
+    text = text.replace("fastblocks_ext", LIBRARY)
+    if path.endswith(".cpp"):  # a CPU kernel file: keep its schemas and helpers, not its kernels
+        text = text.replace(f"TORCH_LIBRARY_IMPL({LIBRARY}, CPU, m)",
+                            "[[maybe_unused]] static void cpu_kernels_not_emulated(torch::Library& m)")
+    text = text.replace(f"TORCH_LIBRARY_IMPL({LIBRARY}, CUDA, m)", f"TORCH_LIBRARY_IMPL({LIBRARY}, CPU, m)")
+    text = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", text)
+    return rewrite_launches(text, path) if "<<<" in text else text
+
+
+def _sources() -> list[str]:
+    csrc = os.path.join(ROOT, "csrc")
+    files = sorted(glob.glob(os.path.join(csrc, "*.*")) + glob.glob(os.path.join(csrc, "*", "*.*")))
+    return [f for f in files if os.path.basename(f) != "fastblocks.cpp"]  # the Python module: not needed
+
+
+def load(verbose: bool = False) -> str:
+    """Builds (when the sources changed) and loads the emulated kernels; returns the library name."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if hasattr(torch.ops, LIBRARY) and hasattr(getattr(torch.ops, LIBRARY), "shift_forward"):
+        return LIBRARY
+    out_dir = os.path.join(ROOT, "build", "cuda_emu")  # ninja rebuilds what changed
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sources.lock"), "w") as lock:  # pytest-xdist workers build once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        compiled = [_write_rewritten(f, os.path.join(out_dir, "src")) for f in _sources()]
+        cpp_extension.load(
+            name=LIBRARY, sources=[f for f in compiled if f.endswith(".cpp")] + [os.path.join(HERE, "cuda_emu.cpp")],
+            build_directory=out_dir, is_python_module=False, verbose=verbose,
+            extra_include_paths=[os.path.join(HERE, "include"), HERE, os.path.join(out_dir, "src")],
+            # -O1: fibers make the emulated kernels slow anyway; no strict aliasing for the kernels'
+            # reinterpret_cast vector loads; hidden symbols, or fastblocks._C's calls to its own
+            # non-inline functions (same names) would bind to this library's copies once it is loaded.
+            extra_cflags=["-O1", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                          "-fopenmp", "-include", os.path.join(HERE, "cuda_emu.h"),
+                          "-Wno-unknown-pragmas"],
+            extra_ldflags=["-fopenmp"])
+    return LIBRARY
+
+
+def _write_rewritten(path: str, src_dir: str) -> str:
+    """Writes the rewritten copy of csrc file `path` under src_dir (.cu as _emu.cpp); returns its path.
+    An unchanged copy is not rewritten, so that ninja does not rebuild it."""
+    rel = os.path.relpath(path, os.path.join(ROOT, "csrc"))
+    dst = os.path.join(src_dir, rel[:-3] + "_emu.cpp" if rel.endswith(".cu") else rel)
+    with open(path) as fh:
+        text = rewrite(fh.read(), rel)
+    if os.path.exists(dst) and open(dst).read() == text:
+        return dst
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(dst + ".tmp", dst)
+    return dst
+
+if __name__ == "__main__":
+    import torch
+
+    lib = load(verbose=True)
+    print(lib, sorted(n for n in dir(getattr(torch.ops, lib)) if not n.startswith("_")))
