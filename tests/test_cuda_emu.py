@@ -5,6 +5,7 @@ storage. This is what the CPU can prove about the CUDA kernels' indexing, reduct
 shuffles; their speed needs a GPU (bench/)."""
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
@@ -19,6 +20,8 @@ LAYOUTS = ["contiguous", "channels_last"]
 
 @pytest.fixture(scope="module")
 def emu():
+    if os.environ.get("CUDA_EMU_ASAN_PASS_FOLLOWS") == "1" and os.environ.get("CUDA_EMU_ASAN") != "1":
+        pytest.skip("CI runs these tests next, under AddressSanitizer (tests/cuda_emu/asan.sh)")
     require_backend("shift", "cpp")  # the reference: fastblocks._C's CPU kernels
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the CUDA emulator switches fibers with x86-64 assembly")

@@ -71,13 +71,16 @@ def _sources() -> list[str]:
 
 
 def load(verbose: bool = False) -> str:
-    """Builds (when the sources changed) and loads the emulated kernels; returns the library name."""
+    """Builds (when the sources changed) and loads the emulated kernels; returns the library name.
+    With CUDA_EMU_ASAN=1 the kernels are built with AddressSanitizer, which catches their reads and
+    writes outside the tensors (run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so))."""
     import torch
     from torch.utils import cpp_extension
 
     if hasattr(torch.ops, LIBRARY) and hasattr(getattr(torch.ops, LIBRARY), "shift_forward"):
         return LIBRARY
-    out_dir = os.path.join(ROOT, "build", "cuda_emu")  # ninja rebuilds what changed
+    asan = os.environ.get("CUDA_EMU_ASAN") == "1"
+    out_dir = os.path.join(ROOT, "build", "cuda_emu_asan" if asan else "cuda_emu")  # ninja rebuilds what changed
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sources.lock"), "w") as lock:  # pytest-xdist workers build once
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -91,8 +94,8 @@ def load(verbose: bool = False) -> str:
             # non-inline functions (same names) would bind to this library's copies once it is loaded.
             extra_cflags=["-O1", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
                           "-fopenmp", "-include", os.path.join(HERE, "cuda_emu.h"),
-                          "-Wno-unknown-pragmas"],
-            extra_ldflags=["-fopenmp"])
+                          "-Wno-unknown-pragmas"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+            extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if asan else []))
     return LIBRARY
 
 

@@ -7,6 +7,11 @@
 
 #include <sys/mman.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <exception>
 #include <sstream>
 #include <string>
@@ -79,6 +84,8 @@ struct Scheduler {
   std::vector<uint64_t> slots;  // shuffle exchange, one per thread
   unsigned char* stacks = nullptr;
   void* main_sp = nullptr;
+  const void* main_stack_bottom = nullptr;  // for AddressSanitizer
+  size_t main_stack_size = 0;
   unsigned int current = 0;
   Body body = nullptr;
   void* arg = nullptr;
@@ -100,15 +107,31 @@ Scheduler& sched() {
   return *s;
 }
 
+// cuda_emu_switch_fiber, announced to AddressSanitizer when it is on (else it takes the other stack's
+// frames for overflows). `leaving_for_good`: the current fiber never resumes.
+void switch_stack(void** from_sp, void* to_sp, const void* to_bottom, size_t to_size, bool leaving_for_good = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake_stack, to_bottom, to_size);
+#endif
+  cuda_emu_switch_fiber(from_sp, to_sp);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
 void wait_at(State barrier) {
   Scheduler& s = sched();
   s.fibers[s.current].state = barrier;
-  cuda_emu_switch_fiber(&s.fibers[s.current].sp, s.main_sp);
+  switch_stack(&s.fibers[s.current].sp, s.main_sp, s.main_stack_bottom, s.main_stack_size);
 }
 
 // A fresh fiber's stack: the registers cuda_emu_switch_fiber pops, then its return address, the
 // start routine, at a 16-byte aligned top so that the start routine's call sees the ABI's alignment.
 void* fresh_stack(unsigned char* base) {
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(base, kStackBytes);  // the frames of the fiber that used it last
+#endif
   void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(base) + kStackBytes) & ~uintptr_t(15));
   *--sp = reinterpret_cast<void*>(&cuda_emu_fiber_start);
   for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
@@ -174,7 +197,7 @@ void run_block(Scheduler& s, unsigned int n, size_t dynamic_smem, bool descendin
       if (s.fibers[t].state != State::Runnable) continue;
       s.current = t;
       set_thread_index(t);
-      cuda_emu_switch_fiber(&s.main_sp, s.fibers[t].sp);
+      switch_stack(&s.main_sp, s.fibers[t].sp, s.stacks + t * kStackBytes, kStackBytes);
     }
     bool all_done = true;
     for (unsigned int t = 0; t < n; ++t) all_done &= s.fibers[t].state == State::Done;
@@ -232,6 +255,9 @@ void* warp_slot(unsigned int t) { return &sched().slots[t]; }
 // Runs the current thread's body, then returns to the scheduler for good.
 extern "C" void cuda_emu_fiber_main() {
   cuda_emu::Scheduler& s = cuda_emu::sched();
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &s.main_stack_bottom, &s.main_stack_size);
+#endif
   try {
     s.body(s.arg);
   } catch (...) {
@@ -239,6 +265,6 @@ extern "C" void cuda_emu_fiber_main() {
   }
   s.fibers[s.current].state = cuda_emu::State::Done;
   void* unused;
-  cuda_emu_switch_fiber(&unused, s.main_sp);
+  cuda_emu::switch_stack(&unused, s.main_sp, s.main_stack_bottom, s.main_stack_size, true);
   __builtin_unreachable();
 }
