@@ -5,12 +5,14 @@ storage. This is what the CPU can prove about the CUDA kernels' indexing, reduct
 shuffles; their speed needs a GPU (bench/)."""
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 
 import pytest
 import torch
 
+from fastblocks import _ext
 from tests.conftest import require_backend
 from tests.cuda_emu import build
 
@@ -65,6 +67,10 @@ def _x(shape, layout, dtype, scale=1.0, slice_extra=0):
     return buf[:, :C]
 
 
+def _fmt(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -112,15 +118,14 @@ DW_CASES = [  # (shape, kernel, stride, padding, dilation): B0 / MobileNet-like,
 def test_dwconv_bn_act(emu, case, layout, dtype):
     shape, K, stride, padding, dilation = case
     C = shape[1]
-    x = _x(shape, layout, dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                                            else torch.contiguous_format)
+    x = _x(shape, layout, dtype).contiguous(memory_format=_fmt(layout))
     w = torch.randn(C, 1, K, K, dtype=_acc(dtype)) / K
     geom = (list(stride), list(padding), list(dilation))
     _compare(emu, "dwconv_bn_stats", x, w, *geom)
     scale, shift, center = _channel(C, dtype, 0.5, 2.0), _channel(C, dtype), _channel(C, dtype)
     p, q = _channel(C, dtype), _channel(C, dtype)
     y = torch.ops.fastblocks_ext.dwconv_affine_act_forward(x, w, scale, shift, *geom, 0)
-    grad = torch.randn(y.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    grad = torch.randn(y.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=_fmt(layout))
     for act in range(5):
         _compare(emu, "dwconv_affine_act_forward", x, w, scale, shift, *geom, act)
         _compare(emu, "dwconv_affine_act_grad_stats", grad, x, w, scale, shift, center, *geom, act)
@@ -131,9 +136,8 @@ def test_dwconv_bn_act(emu, case, layout, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 40, 3, 3), (3, 33, 1, 1), (2, 9, 17, 19)])
 def test_hardswish_family(emu, shape, layout, dtype):
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = _x(shape, layout, dtype, 4.0).contiguous(memory_format=fmt)
-    grad = _x(shape, layout, dtype).contiguous(memory_format=fmt)
+    x = _x(shape, layout, dtype, 4.0).contiguous(memory_format=_fmt(layout))
+    grad = _x(shape, layout, dtype).contiguous(memory_format=_fmt(layout))
     for name in ("hardswish", "hardsigmoid"):
         _compare(emu, f"{name}_forward", x)
         _compare(emu, f"{name}_backward", grad, x)
@@ -157,11 +161,10 @@ def test_elementwise_unaligned_storage(emu, dtype):
     ((2, 9, 5, 7), 3, 1, 1), ((1, 7, 6, 5), 3, 2, 1), ((2, 30, 9, 8), 5, 1, 2), ((3, 4, 3, 3), 3, 1, 1),
     ((2, 36, 7, 7), 1, 1, 2), ((2, 9, 17, 19), 3, 1, 1)])
 def test_shift(emu, shape, kernel_size, dilation, stride, layout, dtype):
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = _x(shape, layout, dtype).contiguous(memory_format=fmt)
+    x = _x(shape, layout, dtype).contiguous(memory_format=_fmt(layout))
     _compare(emu, "shift_forward", x, kernel_size, dilation, stride)
     y = torch.ops.fastblocks_ext.shift_forward(x, kernel_size, dilation, stride)
-    grad = torch.randn(y.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    grad = torch.randn(y.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=_fmt(layout))
     _compare(emu, "shift_backward", grad, kernel_size, dilation, stride, shape[2], shape[3])
 
 
@@ -170,13 +173,39 @@ def test_shift(emu, shape, kernel_size, dilation, stride, layout, dtype):
 @pytest.mark.parametrize("shape, squeeze", [((2, 3, 5, 7), 2), ((1, 40, 7, 7), 10), ((3, 70, 2, 3), 8),
                                             ((2, 33, 1, 1), 4), ((2, 5, 17, 19), 3)])
 def test_squeeze_excite(emu, shape, squeeze, layout, dtype):
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     C = shape[1]
-    x = _x(shape, layout, dtype, 2.0).contiguous(memory_format=fmt)
-    grad = _x(shape, layout, dtype).contiguous(memory_format=fmt)
+    x = _x(shape, layout, dtype, 2.0).contiguous(memory_format=_fmt(layout))
+    grad = _x(shape, layout, dtype).contiguous(memory_format=_fmt(layout))
     params = [torch.randn(squeeze, C) / C ** 0.5, torch.randn(squeeze), torch.randn(C, squeeze) / squeeze ** 0.5,
               torch.randn(C)]
     params = [p.to(dtype) for p in params]
     for act, hard_sigmoid in ((1, True), (3, False), (2, False), (4, True)):
         _compare(emu, "squeeze_excite_forward", x, *params, act, hard_sigmoid)
         _compare(emu, "squeeze_excite_backward", grad, x, *params, act, hard_sigmoid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DW_CASES[1:3], ids=lambda c: f"{c[0]}-k{c[1]}s{c[2][0]}")
+def test_dwconv_cuda_training_passes(emu, monkeypatch, case, layout, dtype):
+    """The CUDA backend's training step (the four kernels and the per-channel algebra between them
+    in Python, which only CUDA tensors take) on the emulated kernels, against the torch reference."""
+    dw = importlib.import_module("fastblocks.ops.dwconv_bn_act")  # the module (ops.dwconv_bn_act is the op)
+
+    shape, K, stride, padding, dilation = case
+    C = shape[1]
+    x = _x(shape, layout, dtype).contiguous(memory_format=_fmt(layout))
+    w = torch.randn(C, 1, K, K, dtype=_acc(dtype)) / K
+    gamma, beta = _channel(C, dtype, 0.5, 2.0), _channel(C, dtype)
+    geom = (list(stride), list(padding), list(dilation))
+    for act in ("silu", "hardswish", "relu"):
+        want = dw._train_op(x, w, gamma, beta, 1e-3, *geom, act, "torch")
+        grad = torch.randn(want[0].shape, dtype=dtype).contiguous(memory_format=_fmt(layout))
+        want_grads = dw._train_backward_op(grad, x, w, gamma, beta, want[1], want[2], *geom, act, "torch")
+        with monkeypatch.context() as m:
+            m.setattr(_ext, "op", lambda name: getattr(emu, name))
+            got = dw._KERNELS["cuda"].train_forward(x, w, gamma, beta, 1e-3, geom, act)
+            got_grads = dw._KERNELS["cuda"].train_backward(grad, x, w, gamma, beta, want[1], want[2], geom, act)
+        atol, rtol = _tol(dtype)
+        for g, r in zip((*got, *got_grads), (*want, *want_grads)):
+            torch.testing.assert_close(g, r, atol=atol * 10, rtol=rtol * 10)
