@@ -24,6 +24,8 @@ LAYOUTS = ["contiguous", "channels_last"]
 def emu():
     if os.environ.get("CUDA_EMU_ASAN_PASS_FOLLOWS") == "1" and os.environ.get("CUDA_EMU_ASAN") != "1":
         pytest.skip("CI runs these tests next, under AddressSanitizer (tests/cuda_emu/asan.sh)")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the other tests run the CUDA kernels for real")
     require_backend("shift", "cpp")  # the reference: fastblocks._C's CPU kernels
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the CUDA emulator switches fibers with x86-64 assembly")
