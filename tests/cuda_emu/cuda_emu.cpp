@@ -13,6 +13,7 @@
 #endif
 
 #include <exception>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,12 +25,12 @@ dim3 blockDim, gridDim;
 #error "cuda_emu switches fibers with x86-64 assembly"
 #endif
 
-// switch_fiber(&from_sp, to_sp): saves the callee-saved registers on the current stack, stores the
+// cuda_emu_switch_fiber(&from_sp, to_sp): saves the callee-saved registers on the current stack, stores the
 // stack pointer in *from_sp and resumes the fiber whose stack pointer is to_sp. A few nanoseconds,
 // where swapcontext's signal-mask system calls took most of a microsecond: kernels with a block
 // reduction per tap switch tens of millions of times.
 extern "C" void cuda_emu_switch_fiber(void** from_sp, void* to_sp);
-extern "C" void cuda_emu_fiber_main();
+extern "C" __attribute__((visibility("hidden"))) void cuda_emu_fiber_main();  // called directly from asm
 asm(R"(
   .text
   .globl cuda_emu_switch_fiber
@@ -224,6 +225,8 @@ void check_config(dim3 grid, dim3 block, size_t dynamic_smem) {
 
 void run_grid(dim3 grid, dim3 block, size_t dynamic_smem, Body body, void* arg) {
   check_config(grid, block, dynamic_smem);
+  static std::mutex one_grid_at_a_time;  // threadIdx & co. and the fibers are process-wide
+  const std::lock_guard<std::mutex> lock(one_grid_at_a_time);
   Scheduler& s = sched();
   s.body = body;
   s.arg = arg;
