@@ -64,6 +64,16 @@ def rewrite(text: str, path: str) -> str:
     return rewrite_launches(text, path) if "<<<" in text else text
 
 
+def cuda_ops() -> set[str]:
+    """The ops the .cu files register for CUDA tensors."""
+    ops = set()
+    for f in glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu")):
+        with open(f) as fh:
+            block = fh.read().partition("TORCH_LIBRARY_IMPL(fastblocks_ext, CUDA, m)")[2]
+        ops |= set(re.findall(r'm\.impl\("(\w+)"', block))
+    return ops
+
+
 def _sources() -> list[str]:
     csrc = os.path.join(ROOT, "csrc")
     files = sorted(glob.glob(os.path.join(csrc, "*.*")) + glob.glob(os.path.join(csrc, "*", "*.*")))
@@ -118,4 +128,6 @@ if __name__ == "__main__":
     import torch
 
     lib = load(verbose=True)
-    print(lib, sorted(n for n in dir(getattr(torch.ops, lib)) if not n.startswith("_")))
+    ops = sorted(cuda_ops())
+    missing = [op for op in ops if not hasattr(getattr(torch.ops, lib), op)]
+    print(f"torch.ops.{lib}: {len(ops)} emulated CUDA ops" + (f", missing {missing}" if missing else ""))
