@@ -9,5 +9,7 @@ asan=$(gcc -print-file-name=libasan.so)
 export CUDA_EMU_ASAN=1 ASAN_OPTIONS=detect_leaks=0
 # libstdc++ preloaded too: ASan's C++-exception interceptor needs it loaded before Python starts.
 export LD_PRELOAD="$asan $(gcc -print-file-name=libstdc++.so)"
-# --capture=no: pytest's captured stderr would be lost when ASan aborts the process.
+# --capture=no: pytest's captured stderr would be lost when ASan aborts the process. Under xdist
+# (-n) a worker's report is lost too and pytest names only the test it crashed in: rerun that
+# test without -n to read the report.
 exec "${PYTHON:-.venv/bin/python}" -m pytest tests/test_cuda_emu.py -q -p no:cacheprovider --capture=no "$@"
