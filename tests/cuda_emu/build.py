@@ -35,10 +35,12 @@ def _closing(text: str, start: int, open_ch: str, close_ch: str) -> int:
 
 
 def rewrite_launches(text: str, path: str) -> str:
+    """Every `kernel<<<config>>>(args);` statement as a cuda_emu::launch call."""
     out, pos = [], 0
     while (open_ := text.find("<<<", pos)) != -1:
         stmt_start = max(text.rfind(c, 0, open_) for c in ";{}") + 1
-        kernel = text[stmt_start:open_].strip()
+        stmt = text[stmt_start:open_]
+        kernel = stmt.strip()
         if not _KERNEL_NAME.fullmatch(kernel):
             raise ValueError(f"{path}: cannot parse the kernel of the launch {kernel!r}<<<...")
         close = text.index(">>>", open_)
@@ -47,8 +49,7 @@ def rewrite_launches(text: str, path: str) -> str:
         args_close = _closing(text, args_open, "(", ")")
         if text[close + 3:args_open].strip() or not text[args_close + 1:].lstrip().startswith(";"):
             raise ValueError(f"{path}: unexpected text around the launch of {kernel}")
-        lead = text[stmt_start:open_][: len(text[stmt_start:open_]) - len(text[stmt_start:open_].lstrip())]
-        out.append(text[pos:stmt_start] + lead)
+        out.append(text[pos:stmt_start] + stmt[: len(stmt) - len(stmt.lstrip())])  # keep the indentation
         out.append(f"::cuda_emu::launch([&] {{ {kernel}({text[args_open + 1:args_close]}); }}, {config})")
         pos = args_close + 1
     return "".join(out) + text[pos:]
