@@ -84,7 +84,7 @@ def _sources() -> list[str]:
 def load(verbose: bool = False) -> str:
     """Builds (when the sources changed) and loads the emulated kernels; returns the library name.
     With CUDA_EMU_ASAN=1 the kernels are built with AddressSanitizer, which catches their reads and
-    writes outside the tensors (run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so))."""
+    writes outside the tensors; the process needs the ASan runtime preloaded (tests/cuda_emu/asan.sh)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -124,6 +124,7 @@ def _write_rewritten(path: str, src_dir: str) -> str:
         fh.write(text)
     os.replace(dst + ".tmp", dst)
     return dst
+
 
 if __name__ == "__main__":
     import torch
