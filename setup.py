@@ -6,9 +6,12 @@ Environment:
   FASTBLOCKS_FORCE_CUDA=1  fail instead of silently skipping the CUDA kernels
   TORCH_CUDA_ARCH_LIST     CUDA architectures; default "8.0;9.0" when no GPU is visible
   CUDA_HOME                the CUDA toolkit; guessed from nvcc on PATH or /usr/local/cuda-<torch's CUDA>
+  FASTBLOCKS_SIMD_BYTES    vector width of the C++ CPU kernels (16, 32 or 64); default: the building
+                           CPU's registers (64 with AVX-512F, 32 with AVX2; see csrc/cpu_simd.h)
 """
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -37,6 +40,23 @@ def _guess_cuda_home():
         if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart.so")):
             os.environ["CUDA_HOME"] = home
             return
+
+
+def _simd_bytes():
+    """The C++ CPU kernels' vector width: the widest registers of the CPU that builds them (x86-64)."""
+    if os.environ.get("FASTBLOCKS_SIMD_BYTES"):
+        width = int(os.environ["FASTBLOCKS_SIMD_BYTES"])
+        if width not in (16, 32, 64):
+            raise ValueError(f"FASTBLOCKS_SIMD_BYTES must be 16, 32 or 64, got {width}")
+        return width
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return 64
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return 64
+    return 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
 
 
 def _nvidia_wheel_includes():
@@ -68,7 +88,9 @@ def _extensions():
             "FASTBLOCKS_FORCE_CUDA=1 but CUDA cannot be compiled: "
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
-    define_macros = [("FASTBLOCKS_TORCH_VERSION", f'"{torch.__version__}"')]
+    simd_bytes = _simd_bytes()
+    print(f"fastblocks: C++ CPU kernels with {simd_bytes}-byte vectors")
+    define_macros = [("FASTBLOCKS_TORCH_VERSION", f'"{torch.__version__}"'), ("FB_SIMD_BYTES", str(simd_bytes))]
     extra = {"cxx": ["-O3", "-fopenmp"]}
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

@@ -1,11 +1,17 @@
-// Fixed-width SIMD for the CPU kernels, through GCC / Clang vector extensions: a vector is 64 bytes of
-// the accumulation dtype (16 floats or 8 doubles), which the FB_CPU_MULTIVERSION clones lower to one
-// AVX-512 register, two AVX2 or four SSE registers. GCC's auto-vectoriser gives up on the tap loops of
-// the depthwise convolution (or versions them into scalar code), so those are written with explicit
-// vectors, and so are the BatchNorm + activation passes (whose piecewise activations it compiled to
-// branches).
+// Fixed-width SIMD for the CPU kernels, through GCC / Clang vector extensions: a vector is
+// FB_SIMD_BYTES bytes of the accumulation dtype, which the FB_CPU_MULTIVERSION clones lower to their
+// registers. GCC's auto-vectoriser gives up on the tap loops of the depthwise convolution (or versions
+// them into scalar code), so those are written with explicit vectors, and so are the BatchNorm +
+// activation passes (whose piecewise activations it compiled to branches).
+//
+// setup.py sets FB_SIMD_BYTES to the width of the building CPU's registers: 64 with AVX-512, 32 with
+// AVX2. A vector wider than the clone's registers is correct but slow: in the AVX2 clone GCC lowers
+// comparisons, selects and broadcasts of 64-byte vectors lane by lane through the stack (measured on an
+// AVX2 EPYC, one thread: BatchNorm + ReLU 2.3-4.4x slower than eager's; with 32-byte vectors 3-5x
+// faster, its statistics 7-10x). Every clone stays correct wherever it runs; the width only tunes them.
 #pragma once
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -20,6 +26,10 @@
 // The same for a lambda that a multiversioned kernel calls: `[&](...) FB_LAMBDA_INLINE { ... }`.
 #define FB_LAMBDA_INLINE __attribute__((always_inline))
 
+#ifndef FB_SIMD_BYTES
+#define FB_SIMD_BYTES 64
+#endif
+
 namespace fastblocks {
 namespace simd {
 
@@ -27,17 +37,17 @@ template <typename T>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(FB_SIMD_BYTES)));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(FB_SIMD_BYTES)));
 };
 
 template <typename T>
 using vec = typename VecOf<T>::type;
 template <typename T>
-constexpr int lanes = 64 / sizeof(T);
+constexpr int lanes = FB_SIMD_BYTES / sizeof(T);
 
 // lanes<acc_t> consecutive elements of p (any dtype) as acc_t (unaligned).
 template <typename acc_t, typename scalar_t>
@@ -100,22 +110,43 @@ FB_SIMD_INLINE vec<acc_t> keep_first(const vec<acc_t>& v, int n) {
   return lane < mask_t{} + n ? v : vec<acc_t>{};
 }
 
-// f on every lane: a fixed-length loop over a plain array, which GCC vectorises when f is branch-free
-// arithmetic (SiLU, with expf_vectorizable).
-template <typename acc_t, typename F>
-FB_SIMD_INLINE vec<acc_t> lanewise(const vec<acc_t>& v, F f) {
-  acc_t buf[lanes<acc_t>];
-  std::memcpy(buf, &v, sizeof buf);
-  for (int j = 0; j < lanes<acc_t>; ++j) buf[j] = f(buf[j]);
-  vec<acc_t> r;
-  std::memcpy(&r, buf, sizeof r);
-  return r;
-}
-
 template <typename acc_t>
 FB_SIMD_INLINE vec<acc_t> clamp(const vec<acc_t>& v, acc_t lo, acc_t hi) {
   const vec<acc_t> l = broadcast(lo), h = broadcast(hi), below_hi = v > h ? h : v;
   return v < l ? l : below_hi;
+}
+
+// e^x per lane: expf_vectorizable (activations.h) step by step in vector arithmetic, same result.
+// (A lane loop over the scalar function vectorised on its own, but not inside the kernels' loop nests,
+// where GCC kept its clamps as branches: with 32-byte vectors SiLU ran scalar, ~3x slower than eager's.)
+FB_SIMD_INLINE vec<float> exp(vec<float> x) {
+  using bits_t = decltype(x < x);  // int32 lanes
+  x = clamp<float>(x, -87.33654f, 88.0f);
+  constexpr float kShifter = 12582912.0f;
+  const vec<float> shifted = x * 1.44269504088896341f + kShifter;
+  const vec<float> n = shifted - kShifter;
+  vec<float> r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vec<float> p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const bits_t two_n = ((bits_t)shifted - (0x4B400000 - 127)) << 23;  // same-size vector casts reinterpret the bits
+  return p * (vec<float>)two_n;
+}
+
+// float64 (gradcheck): libm's exp, lane by lane.
+FB_SIMD_INLINE vec<double> exp(vec<double> x) {
+  for (int j = 0; j < lanes<double>; ++j) x[j] = std::exp(x[j]);
+  return x;
+}
+
+template <typename acc_t>
+FB_SIMD_INLINE vec<acc_t> sigmoid(const vec<acc_t>& v) {
+  return acc_t(1) / (acc_t(1) + exp(-v));
 }
 
 // The activations of activations.h and their derivatives, same formulas. The piecewise ones are
@@ -127,7 +158,7 @@ FB_SIMD_INLINE vec<acc_t> activate(const vec<acc_t>& v) {
   const vec<acc_t> zero{};
   if constexpr (ACT == kReLU) return v < zero ? zero : v;  // NaN stays NaN, as in PyTorch
   else if constexpr (ACT == kReLU6) return clamp<acc_t>(v, 0, 6);
-  else if constexpr (ACT == kSiLU) return lanewise<acc_t>(v, [](acc_t x) { return silu(x); });
+  else if constexpr (ACT == kSiLU) return v * sigmoid<acc_t>(v);
   else if constexpr (ACT == kHardSwish) return v * clamp<acc_t>(v + acc_t(3), 0, 6) / acc_t(6);
   else return v;
 }
@@ -140,7 +171,10 @@ FB_SIMD_INLINE vec<acc_t> activate_grad(const vec<acc_t>& v) {
     const vec<acc_t> positive = v > zero ? one : zero, from_6 = v >= broadcast(acc_t(6)) ? one : zero;
     return positive - from_6;
   }
-  else if constexpr (ACT == kSiLU) return lanewise<acc_t>(v, [](acc_t x) { return silu_grad(x); });
+  else if constexpr (ACT == kSiLU) {  // s * (1 + x * (1 - s)) with s = sigmoid(x), as silu_grad
+    const vec<acc_t> s = sigmoid<acc_t>(v);
+    return s * (one + v * (one - s));
+  }
   else if constexpr (ACT == kHardSwish) {
     const vec<acc_t> slope = v / acc_t(3) + acc_t(0.5), below_3 = v < broadcast(acc_t(3)) ? slope : one;
     return v <= broadcast(acc_t(-3)) ? zero : below_3;

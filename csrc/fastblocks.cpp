@@ -1,10 +1,15 @@
 // The Python module fastblocks._C. The kernels register themselves with the dispatcher as
 // torch.ops.fastblocks_ext.* (one TORCH_LIBRARY_FRAGMENT per op directory); this file only
-// records how the extension was built, so that fastblocks._ext can detect a stale build.
+// records how the extension was built, so that fastblocks._ext can detect a stale build (and the
+// benchmarks can report the C++ kernels' vector width).
 #include <Python.h>
 
 #ifndef FASTBLOCKS_TORCH_VERSION
 #define FASTBLOCKS_TORCH_VERSION "unknown"
+#endif
+
+#ifndef FB_SIMD_BYTES
+#define FB_SIMD_BYTES 64  // as csrc/cpu_simd.h
 #endif
 
 #ifdef FASTBLOCKS_WITH_CUDA
@@ -20,5 +25,6 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", FASTBLOCKS_TORCH_VERSION);
   PyModule_AddIntConstant(m, "with_cuda", kWithCuda);
+  PyModule_AddIntConstant(m, "simd_bytes", FB_SIMD_BYTES);
   return m;
 }
