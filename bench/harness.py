@@ -52,6 +52,7 @@ import pytest
 import torch
 
 import fastblocks
+from fastblocks import _ext
 from fastblocks._backend import BACKENDS, why_not
 
 FASTBLOCKS_BACKENDS = tuple(b for b in BACKENDS if b != "torch")  # fastblocks' "torch" backend is eager
@@ -68,14 +69,27 @@ class BenchConfig:
     compile_models: bool = False
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return model or platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and thread count (results files are named after it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+    return f"CPU {_cpu_model()} x{torch.get_num_threads()}"
 
 
 def versions() -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "fastblocks": fastblocks.__version__}
+    """Software versions, and the vector width the C++ CPU kernels were built with (csrc/cpu_simd.h)."""
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "fastblocks": fastblocks.__version__,
+            "cpu_simd_bytes": getattr(_ext._C, "simd_bytes", None)}
     try:
         import triton
 

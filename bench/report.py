@@ -77,12 +77,19 @@ def _fmt(v, spec=".2f"):
     return "–" if v is None else format(v, spec)
 
 
+def _cpu_line(info: dict) -> str:
+    """The C++ CPU kernels' vector width, where the run recorded it."""
+    width = info.get("cpu_simd_bytes")
+    return f"; C++ CPU kernels with {width}-byte vectors" if width and "CPU" in info.get("device", "") else ""
+
+
 def markdown(data: dict, headline_only: bool = False) -> str:
     first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     out = [f"## fastblocks benchmarks — {first.get('device', '?')}, {first.get('dtype', '?')}, "
            f"{first.get('layout', '?')}, size={first.get('size', '?')}",
            f"torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}; "
-           f"{data.get('datetime', '')[:16]}; times: {first.get('statistic', 'median')} of the rounds", "",
+           f"{data.get('datetime', '')[:16]}; times: {first.get('statistic', 'median')} of the rounds" + _cpu_line(first),
+           "",
            "| op | case | pass | eager ms | compile ms | fastblocks ms (best) | × eager | × compile | "
            "peak mem fb/eager | saved fb/eager | copy BW | img/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
