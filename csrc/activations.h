@@ -69,27 +69,32 @@ FB_HOST_DEVICE T relu6_grad(T x) {
 // degree-6 polynomial, the power of two built in the exponent bits; rounding by the 1.5 * 2^23 shifter
 // instead of floor), so that CPU loops calling it vectorise, where libm's expf is a scalar call. Error
 // about 1 ulp; inputs are clamped to [-87.3, 88], where the result is still a normal float (sigmoid and
-// SiLU are unaffected). NaN propagates.
-inline __attribute__((always_inline)) float expf_vectorizable(float x) {
-  x = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
+// SiLU are unaffected). NaN propagates. F, I: float and int32_t, or GCC vectors of them (cpu_simd.h).
+template <typename F, typename I>
+inline __attribute__((always_inline)) F expf_cephes(F x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.0f ? 88.0f : x;
   constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: n = round(x / ln 2) lands in the low mantissa bits
-  const float shifted = x * 1.44269504088896341f + kShifter;
-  const float n = shifted - kShifter;
-  float r = x - n * 0.693359375f;
+  const F shifted = x * 1.44269504088896341f + kShifter;
+  const F n = shifted - kShifter;
+  F r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
+  I bits;
   std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - 0x4B400000 + 127) << 23;  // (n + bias) in the exponent field: 2^n
-  float two_n;
+  bits = (bits - (0x4B400000 - 127)) << 23;  // (n + bias) in the exponent field: 2^n
+  F two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
+}
+
+inline __attribute__((always_inline)) float expf_vectorizable(float x) {
+  return expf_cephes<float, int32_t>(x);
 }
 
 template <typename T>
