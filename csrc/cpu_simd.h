@@ -5,10 +5,11 @@
 // activation passes (whose piecewise activations it compiled to branches).
 //
 // setup.py sets FB_SIMD_BYTES to the width of the building CPU's registers: 64 with AVX-512, 32 with
-// AVX2. A vector wider than the clone's registers is correct but slow: in the AVX2 clone GCC lowers
-// comparisons, selects and broadcasts of 64-byte vectors lane by lane through the stack (measured on an
-// AVX2 EPYC, one thread: BatchNorm + ReLU 2.3-4.4x slower than eager's; with 32-byte vectors 3-5x
-// faster, its statistics 7-10x). Every clone stays correct wherever it runs; the width only tunes them.
+// AVX2, 16 on other x86-64 CPUs; other architectures keep the default of 64. A vector wider than the
+// clone's registers is correct but slow: in the AVX2 clone GCC lowers comparisons, selects and
+// broadcasts of 64-byte vectors lane by lane through the stack (measured on an AVX2 EPYC, one thread:
+// BatchNorm + ReLU 2.3-4.4x slower than eager's; with 32-byte vectors 3-5x faster, its statistics
+// 7-10x). Every clone stays correct wherever it runs; the width only tunes them.
 #pragma once
 
 #include <cmath>

@@ -4,12 +4,10 @@
 // benchmarks can report the C++ kernels' vector width).
 #include <Python.h>
 
+#include "cpu_simd.h"  // FB_SIMD_BYTES
+
 #ifndef FASTBLOCKS_TORCH_VERSION
 #define FASTBLOCKS_TORCH_VERSION "unknown"
-#endif
-
-#ifndef FB_SIMD_BYTES
-#define FB_SIMD_BYTES 64  // as csrc/cpu_simd.h
 #endif
 
 #ifdef FASTBLOCKS_WITH_CUDA
