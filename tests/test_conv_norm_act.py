@@ -54,12 +54,15 @@ def test_conv_norm_act_matches_torchvision(backend, activation, variant):
     assert_same_step(ref, fb, x, train=False)
 
 
-def test_conv_norm_act_keeps_only_the_conv_output():
-    """Training saves the conv input and output (torchvision: also the BatchNorm output)."""
+@pytest.mark.parametrize("impl, kept", [("cpp", 1), ("triton", 1), ("torch", 2)])
+def test_conv_norm_act_keeps_only_the_conv_output(impl, kept):
+    """Training with the fused kernels saves the conv input and output; torchvision also saves the
+    BatchNorm output, and so does the `torch` backend (eager's BatchNorm2d and activation)."""
+    require_backend("bn_act", impl)
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
     counts = {}
     for name, module in [("torchvision", Conv2dNormActivation(4, 8, 1, activation_layer=nn.SiLU)),
-                         ("fastblocks", ConvNormAct(4, 8, 1, activation=nn.SiLU, impl="torch"))]:
+                         ("fastblocks", ConvNormAct(4, 8, 1, activation=nn.SiLU, impl=impl))]:
         saved = set()
 
         def pack(t, saved=saved):
@@ -70,7 +73,7 @@ def test_conv_norm_act_keeps_only_the_conv_output():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(x)
         counts[name] = len(saved)
-    assert counts == {"torchvision": 2, "fastblocks": 1}
+    assert counts == {"torchvision": 2, "fastblocks": kept}
 
 
 def test_conv_norm_act_impl_reaches_the_op():
@@ -118,14 +121,15 @@ def test_conv_norm_act_compile_fullgraph(impl):
 
 
 @pytest.mark.parametrize("activation", ["silu", "hardswish"])
-def test_batch_norm_act_matches_timm(activation):
+def test_batch_norm_act_matches_timm(backend, activation):
     timm = pytest.importorskip("timm")
+    require_backend("bn_act", backend, "cpu", torch.float64)
     ref = _randomize(timm.layers.BatchNormAct2d(6, momentum=None, act_layer=activation)).double()
     fb = BatchNormAct2d.from_module(ref, impl="torch")
     assert fb.activation == activation and list(fb.state_dict()) == list(ref.state_dict())
     assert fb.weight is ref.weight and fb.running_var is ref.running_var
     ref = _randomize(timm.layers.BatchNormAct2d(6, momentum=None, act_layer=activation)).double()
-    fb = BatchNormAct2d(6, momentum=None, activation=FUSED_MODULES[activation], impl="torch").double()
+    fb = BatchNormAct2d(6, momentum=None, activation=FUSED_MODULES[activation], impl=backend).double()
     fb.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
     for _ in range(2):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastblocks._backend import resolve
 from fastblocks.ops.bn_act import bn_act
+from fastblocks.ops.dwconv_bn_act import _torch_act
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -37,7 +39,14 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
 
 def batch_norm_act(bn: nn.BatchNorm2d, x: Tensor, activation: str, impl: str | None) -> Tensor:
     """``act(bn(x))`` as one fused :func:`fastblocks.ops.bn_act`, with ``bn``'s statistics and
-    running-statistics updates exactly as ``nn.BatchNorm2d``. ``activation``: a name of bn_act's ACTIVATIONS."""
+    running-statistics updates exactly as ``nn.BatchNorm2d``. ``activation``: a name of bn_act's ACTIVATIONS.
+
+    The ``torch`` backend is eager's ``bn(x)`` and then the activation (what ``impl="auto"`` stands for
+    when it prefers ``torch``); bn_act's own ``torch`` backend is a pure-PyTorch statement of the fused
+    math, several passes over x, kept as the kernels' test oracle.
+    """
+    if resolve("bn_act", impl, x) == "torch":
+        return _torch_act(nn.BatchNorm2d.forward(bn, x), activation)
     batch = uses_batch_stats(bn)
     y, mean, var = bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch, bn.eps, activation, impl)
     if batch:
