@@ -10,7 +10,8 @@
 //   dwconv_affine_act_grad_stats  sums of g and g * (z - center), g = dy * act'(scale * z + shift)
 //   dwconv_affine_act_backward dx and dw for dz = scale * g + p[c] + q[c] * z
 // On CPU the two training passes are also one op each (dwconv_bn_act_train_forward / _backward, at the
-// end of this file), the per-channel algebra between the kernels included.
+// end of this file), the per-channel algebra between the kernels included; the forward stores z from
+// its statistics pass and normalises it in place instead of convolving twice.
 // Reductions write per-partition partials (rows of a [P, C] tensor) and return them combined into
 // per-channel values (here by loops; in the CUDA wrapper by combine_mean_m2 and sum(0)). Parameters
 // (w, scale, shift, ...) are contiguous tensors in the accumulation dtype (fp32, or fp64 for fp64 x);
@@ -152,21 +153,40 @@ FB_SIMD_INLINE std::pair<simd::vec<acc_t>, simd::vec<acc_t>> grad_through_act(co
 // dz = s * dy * act'(s * z + t) + p + q * z in place over z: the gradient of z through the activation
 // and the BatchNorm. PER_CHANNEL: z / dy are [rows, C] with per-channel s, t, p, q (channels_last; the
 // tables with slack); otherwise one channel's plane as [1, C = plane size] with the scalars at index 0.
+// The vector of a per-channel parameter at channel c: channels c, c + 1, ... (PER_CHANNEL) or a[0].
+template <bool PER_CHANNEL, typename acc_t>
+FB_SIMD_INLINE simd::vec<acc_t> param(const acc_t* a, int64_t c) {
+  if constexpr (PER_CHANNEL) return simd::load<acc_t>(a + c);
+  return simd::broadcast(a[0]);
+}
+
 template <int ACT, bool PER_CHANNEL, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
                                      const acc_t* t, const acc_t* p, const acc_t* q) {
   constexpr int L = simd::lanes<acc_t>;
-  auto param = [&](const acc_t* a, int64_t c) FB_LAMBDA_INLINE {
-    return PER_CHANNEL ? simd::load<acc_t>(a + c) : simd::broadcast(a[0]);
-  };
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* zr = z + r * C;
     const scalar_t* dr = dy + r * C;
     for (int64_t c = 0; c < C; c += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, C - c));
-      const auto sv = param(s, c);
-      const auto [gv, zv] = grad_through_act<ACT>(zr + c, dr + c, n, n == L || r + 1 < rows, sv, param(t, c));
-      simd::store_n<acc_t>(zr + c, sv * gv + param(p, c) + param(q, c) * zv, n);
+      const auto sv = param<PER_CHANNEL>(s, c);
+      const auto [gv, zv] = grad_through_act<ACT>(zr + c, dr + c, n, n == L || r + 1 < rows, sv,
+                                                  param<PER_CHANNEL>(t, c));
+      simd::store_n<acc_t>(zr + c, sv * gv + param<PER_CHANNEL>(p, c) + param<PER_CHANNEL>(q, c) * zv, n);
+    }
+  }
+}
+
+// y = act(s * y + t) in place over y, laid out as dz_in_place's z.
+template <int ACT, bool PER_CHANNEL, typename acc_t>
+FB_CPU_MULTIVERSION void affine_act_in_place(acc_t* y, int64_t rows, int64_t C, const acc_t* s, const acc_t* t) {
+  constexpr int L = simd::lanes<acc_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* yr = y + r * C;
+    for (int64_t c = 0; c < C; c += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+      const auto yv = simd::load_n<acc_t>(yr + c, n, n == L || r + 1 < rows);
+      simd::store_activated<ACT, acc_t>(yr + c, param<PER_CHANNEL>(s, c) * yv + param<PER_CHANNEL>(t, c), n);
     }
   }
 }
@@ -721,14 +741,19 @@ at::Tensor relayout(const at::Tensor& t, bool to_nchw = false) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+// The statistics of z = dwconv(x, w); with a defined z_out (x's dtype and the output's shape and
+// layout, acc_t storage only) z is also stored there.
+std::tuple<at::Tensor, at::Tensor> stats_impl(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              const at::Tensor& z_out) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   if (g.N * g.Ho * g.Wo == 0) {  // statistics of no values, as torch.mean / torch.var of an empty tensor
     const at::Tensor nan = at::full({g.C}, std::numeric_limits<double>::quiet_NaN(), weight.options());
     return {nan, nan.clone()};
   }
-  if (small_nchw_planes(g)) return stats_cpu(relayout(x), weight, stride, padding, dilation);
+  TORCH_CHECK(!z_out.defined() || (z_out.scalar_type() == weight.scalar_type() && !small_nchw_planes(g)),
+              "stats_impl: z_out must be stored in the accumulation dtype, without the small-plane relayout");
+  if (small_nchw_planes(g)) return stats_impl(relayout(x), weight, stride, padding, dilation, z_out);
   const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
   const int64_t per_partition = g.channels_last ? g.Wo : g.Ho * g.Wo;
   at::Tensor mean_p = at::empty({P, g.C}, weight.options()), m2_p = at::empty_like(mean_p);
@@ -739,9 +764,12 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tens
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const acc_t* pw = wt.const_data_ptr<acc_t>();
     acc_t *pmean = mean_p.mutable_data_ptr<acc_t>(), *pm2 = m2_p.mutable_data_ptr<acc_t>();
+    acc_t* pz = nullptr;  // z's output rows / planes, or the tasks' scratch buffers
+    if constexpr (std::is_same_v<scalar_t, acc_t>) pz = z_out.defined() ? z_out.mutable_data_ptr<acc_t>() : nullptr;
     if (g.channels_last) {
       const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
       for_each_output_row<acc_t>(g, [&](acc_t* z, int64_t n, int64_t oh, int64_t row) {
+        if (pz) z = pz + row * g.Wo * g.C;
         conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
         column_mean_m2(z, g.Wo, g.C, pmean + row * g.C, pm2 + row * g.C);
       });
@@ -749,6 +777,7 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tens
       dispatch_kernel_size(g.K, [&](auto k) {
         constexpr int K = decltype(k)::value;
         for_each_plane(g, px, [&](PaddedPlane<acc_t>& xp, acc_t* z, int64_t n, int64_t c) {
+          if (pz) z = pz + (n * g.C + c) * g.Ho * g.Wo;
           conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
           mean_m2(z, g.Ho * g.Wo, pmean[n * g.C + c], pm2[n * g.C + c]);
         });
@@ -757,6 +786,11 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tens
     combine_partitions(pmean, pm2, P, g.C, per_partition, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
   });
   return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return stats_impl(x, weight, stride, padding, dilation, {});
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
@@ -958,6 +992,31 @@ std::pair<at::Tensor, at::Tensor> train_affine(const at::Tensor& gamma, const at
   return {scale, shift};
 }
 
+// y = act(scale * y + shift) in place (y: a dwconv output, fp32 / fp64).
+void normalise_in_place(at::Tensor& y, const DWGeometry& g, const at::Tensor& scale, const at::Tensor& shift,
+                        int64_t act) {
+  const at::Tensor s = channel_table(scale, g), t = channel_table(shift, g);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dwconv_bn_normalise_in_place", [&] {
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    const scalar_t *ps = s.const_data_ptr<scalar_t>(), *pt = t.const_data_ptr<scalar_t>();
+    const int64_t plane = g.Ho * g.Wo;
+    const bool known = dispatch_activation(act, [&](auto a) {
+      constexpr int ACT = decltype(a)::value;
+      if (g.channels_last) {  // tasks of output rows [Wo, C]
+        at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+          affine_act_in_place<ACT, true>(py + begin * g.Wo * g.C, (end - begin) * g.Wo, g.C, ps, pt);
+        });
+      } else {  // tasks of planes, each one row of its channel
+        at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t nc = begin; nc < end; ++nc)
+            affine_act_in_place<ACT, false>(py + nc * plane, 1, plane, ps + nc % g.C, pt + nc % g.C);
+        });
+      }
+    });
+    TORCH_CHECK(known, "unknown activation code ", act);
+  });
+}
+
 // y = act(BN(dwconv(x, w))) with batch statistics; returns (y, mean, invstd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                  const at::Tensor& gamma, const at::Tensor& beta,
@@ -971,13 +1030,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward_cpu(const at::Tenso
     auto [y, mean, invstd] = train_forward_cpu(relayout(x), weight, gamma, beta, eps, stride, padding, dilation, act);
     return {relayout(y, true), mean, invstd};
   }
-  auto [mean, invstd] = stats_cpu(x, weight, stride, padding, dilation);  // invstd: the variance until below
+  // The statistics pass stores z in y and y is normalised in place: one conv, |x| + 3 |z| bytes, rather
+  // than a second conv from x for the output (2 |x| + |z|). The conv, not memory, bounds these passes on
+  // CPUs: measured (AVX2 EPYC, 2 threads, fp32, EfficientNet / MobileNet layers) 1.2-1.7x faster at
+  // stride 1 and 1.6-2.3x at stride 2, in both layouts. Only where z is stored exactly (fp32 / fp64).
+  const bool store_z = x.scalar_type() == weight.scalar_type();
+  at::Tensor y = store_z ? dwconv::empty_output(x, g) : at::Tensor();
+  auto [mean, invstd] = stats_impl(x, weight, stride, padding, dilation, y);  // invstd: the variance until below
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "dwconv_bn_invstd", [&] {
     scalar_t* v = invstd.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < g.C; ++c) v[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
   });
   const auto [scale, shift] = train_affine(gamma, beta, mean, invstd);
-  return {forward_cpu(x, weight, scale, shift, stride, padding, dilation, act), mean, invstd};
+  if (!store_z) return {forward_cpu(x, weight, scale, shift, stride, padding, dilation, act), mean, invstd};
+  normalise_in_place(y, g, scale, shift, act);
+  return {y, mean, invstd};
 }
 
 // Gradients of train_forward_cpu for x, w, gamma and beta (the statistics' dependence on x included).

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fastblocks._backend import resolve
 from fastblocks.ops.bn_act import bn_act
-from fastblocks.ops.dwconv_bn_act import _torch_act
+from fastblocks.ops.dwconv_bn_act import _torch_act_
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -46,7 +46,7 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: Tensor, activation: str, impl: str | N
     math, several passes over x, kept as the kernels' test oracle.
     """
     if resolve("bn_act", impl, x) == "torch":
-        return _torch_act(nn.BatchNorm2d.forward(bn, x), activation)
+        return _torch_act_(nn.BatchNorm2d.forward(bn, x), activation)
     batch = uses_batch_stats(bn)
     y, mean, var = bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch, bn.eps, activation, impl)
     if batch:

@@ -94,10 +94,12 @@ def _bn_backward_coefficients(scale, invstd, mean, sum_g, sum_gzc, count):
 # The torch backend (reference): aten ops, recomputing the conv output in backward.
 # ---------------------------------------------------------------------------------------------
 
-def _torch_act(u: Tensor, activation: str) -> Tensor:
+def _torch_act_(u: Tensor, activation: str) -> Tensor:
+    """act(u) in place (u is a fresh pre-activation): no second full-size tensor, as torchvision's
+    inplace activations."""
     if activation == "none":
         return u
-    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}[activation](u)
+    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}[activation](u, inplace=True)
 
 
 def _torch_act_backward(grad: Tensor, u: Tensor, activation: str) -> Tensor:
@@ -128,7 +130,7 @@ def _per_channel(t: Tensor) -> Tensor:
 
 
 def _torch_affine_pre_activation(z: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return (z.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)).to(z.dtype)
+    return torch.addcmul(_per_channel(shift), z.to(scale.dtype), _per_channel(scale)).to(z.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +403,7 @@ def _train_op(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps
     if impl == "torch":
         z = _torch_conv(x, weight, *geom)
         u, mean, invstd = torch.ops.aten.native_batch_norm(z, bn_weight, bn_bias, None, None, True, 0.0, eps)
-        y = _torch_act(u, activation).contiguous(memory_format=_memory_format(x))
+        y = _torch_act_(u, activation).contiguous(memory_format=_memory_format(x))
         return y, mean.to(weight.dtype), invstd.to(weight.dtype)
     return _KERNELS[impl].train_forward(x, weight, bn_weight, bn_bias, eps, geom, activation)
 
@@ -456,7 +458,7 @@ def _affine_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, str
     geom = (stride, padding, dilation)
     if impl == "torch":
         z = _torch_conv(x, weight, *geom)
-        y = _torch_act(_torch_affine_pre_activation(z, scale, shift), activation)
+        y = _torch_act_(_torch_affine_pre_activation(z, scale, shift), activation)
         return y.contiguous(memory_format=_memory_format(x))
     return _KERNELS[impl].forward(x, weight, scale, shift, geom, activation)
 
