@@ -10,8 +10,8 @@
 //   dwconv_affine_act_grad_stats  sums of g and g * (z - center), g = dy * act'(scale * z + shift)
 //   dwconv_affine_act_backward dx and dw for dz = scale * g + p[c] + q[c] * z
 // On CPU the two training passes are also one op each (dwconv_bn_act_train_forward / _backward, at the
-// end of this file), the per-channel algebra between the kernels included; the forward stores z from
-// its statistics pass and normalises it in place instead of convolving twice.
+// end of this file), the per-channel algebra between the kernels included; each keeps z from its first
+// pass for its second instead of convolving twice.
 // Reductions write per-partition partials (rows of a [P, C] tensor) and return them combined into
 // per-channel values (here by loops; in the CUDA wrapper by combine_mean_m2 and sum(0)). Parameters
 // (w, scale, shift, ...) are contiguous tensors in the accumulation dtype (fp32, or fp64 for fp64 x);
@@ -829,17 +829,22 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                                  const at::Tensor& scale, const at::Tensor& shift,
-                                                  const at::Tensor& center, at::IntArrayRef stride,
-                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+// With a defined z_out (the accumulation dtype, one value per output element, in the output's layout)
+// the conv output z is also stored there, for backward_impl to reuse.
+std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                   const at::Tensor& weight, const at::Tensor& scale,
+                                                   const at::Tensor& shift, const at::Tensor& center,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, int64_t act, const at::Tensor& z_out) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   dwconv::check_channel_param(scale, x, g, "scale");
   dwconv::check_channel_param(shift, x, g, "shift");
   dwconv::check_channel_param(center, x, g, "center");
   dwconv::check_grad(grad, x, g);
+  TORCH_CHECK(!z_out.defined() || !small_nchw_planes(g), "grad_stats_impl: z_out with the small-plane relayout");
   if (small_nchw_planes(g))
-    return grad_stats_cpu(relayout(grad), relayout(x), weight, scale, shift, center, stride, padding, dilation, act);
+    return grad_stats_impl(relayout(grad), relayout(x), weight, scale, shift, center, stride, padding, dilation, act,
+                           z_out);
   const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
   at::Tensor sum_g_p = at::empty({P, g.C}, weight.options()), sum_gz_p = at::empty_like(sum_g_p);
   at::Tensor sum_g = at::empty({g.C}, weight.options()), sum_gz = at::empty_like(sum_g);
@@ -851,11 +856,13 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
     const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
                 *pc = c_t.const_data_ptr<acc_t>();
     acc_t *psg = sum_g_p.mutable_data_ptr<acc_t>(), *psgz = sum_gz_p.mutable_data_ptr<acc_t>();
+    acc_t* pz = z_out.defined() ? z_out.mutable_data_ptr<acc_t>() : nullptr;  // else the tasks' scratch rows / planes
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
       if (g.channels_last) {
         const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
         for_each_output_row<acc_t>(g, [&](acc_t* z, int64_t n, int64_t oh, int64_t row) {
+          if (pz) z = pz + row * g.Wo * g.C;
           conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
           column_grad_sums<ACT>(z, pdy + row * g.Wo * g.C, g.Wo, g.C, ps, pt, pc, psg + row * g.C, psgz + row * g.C);
         });
@@ -864,8 +871,9 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
       dispatch_kernel_size(g.K, [&](auto k) {
         constexpr int K = decltype(k)::value;
         for_each_plane(g, px, [&](PaddedPlane<acc_t>& xp, acc_t* z, int64_t n, int64_t c) {
-          conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
           const int64_t nc = n * g.C + c;
+          if (pz) z = pz + nc * g.Ho * g.Wo;
+          conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
           grad_sums_plane<ACT>(z, pdy + nc * g.Ho * g.Wo, g.Ho * g.Wo, ps[c], pt[c], pc[c], psg[nc], psgz[nc]);
         });
       });
@@ -881,16 +889,27 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
 // partial dw = sum of dz * the tap's input. NCHW: per plane, dw partials per image. channels_last: dz
 // of every pixel first (an fp32 buffer the size of y) with dw partials per block of rows, then dx by
 // input row, gathering from dz.
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                                                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
-                                                const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
-                                                at::IntArrayRef dilation, int64_t act) {
+std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                  const at::Tensor& center, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  return grad_stats_impl(grad, x, weight, scale, shift, center, stride, padding, dilation, act, {});
+}
+
+// With a defined z (grad_stats_impl's z_out), the conv output is read from it instead of recomputed
+// from x, and dz is formed in place over it.
+std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                                 const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
+                                                 const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t act, const at::Tensor& z) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&p, "p"}, {&q, "q"}})
     dwconv::check_channel_param(*t, x, g, name);
   dwconv::check_grad(grad, x, g);
+  TORCH_CHECK(!z.defined() || !small_nchw_planes(g), "backward_impl: z with the small-plane relayout");
   if (small_nchw_planes(g)) {
-    auto [dx, dw] = backward_cpu(relayout(grad), relayout(x), weight, scale, shift, p, q, stride, padding, dilation, act);
+    auto [dx, dw] = backward_impl(relayout(grad), relayout(x), weight, scale, shift, p, q, stride, padding, dilation,
+                                  act, z);
     return {relayout(dx, true), dw};
   }
   const int64_t rows = g.N * g.Ho;
@@ -912,7 +931,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
       if (g.channels_last) {
         const int64_t KK = g.K * g.K, row_len = g.Wo * g.C;
         const std::vector<acc_t> zero(g.C + kTableSlack, acc_t(0));
-        at::Tensor dz = at::empty({rows, row_len}, weight.options());
+        at::Tensor dz = z.defined() ? z : at::empty({rows, row_len}, weight.options());
         acc_t* pdz = dz.mutable_data_ptr<acc_t>();
         at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
           std::vector<acc_t> dw_block(KK * g.C);
@@ -920,10 +939,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
             std::fill(dw_block.begin(), dw_block.end(), acc_t(0));
             for (int64_t row = part * rows / P; row < (part + 1) * rows / P; ++row) {
               const int64_t n = row / g.Ho, oh = row % g.Ho;
-              acc_t* z = pdz + row * row_len;
-              conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
-              dz_in_place<ACT, true>(z, pdy + row * row_len, g.Wo, g.C, ps, pt, pp, pq);
-              weight_grad_row_nhwc(g, px + n * g.H * g.W * g.C, z, oh, dw_block.data());
+              acc_t* zr = pdz + row * row_len;
+              if (!z.defined()) conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, zr);
+              dz_in_place<ACT, true>(zr, pdy + row * row_len, g.Wo, g.C, ps, pt, pp, pq);
+              weight_grad_row_nhwc(g, px + n * g.H * g.W * g.C, zr, oh, dw_block.data());
             }
             for (int64_t c = 0; c < g.C; ++c)
               for (int64_t t = 0; t < KK; ++t) pdw[(part * g.C + c) * KK + t] = dw_block[t * g.C + c];
@@ -940,25 +959,27 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
         constexpr int K = decltype(k)::value;
         DWGeometry gt;
         const bool gather = transpose_as_conv(g, gt);
+        acc_t* pz = z.defined() ? z.mutable_data_ptr<acc_t>() : nullptr;
         at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
           // dxp: the padded dz to gather from (stride 1), else the padded dx to scatter into
           PaddedPlane<acc_t> xp(g), dxp(gather ? gt : g);
-          std::vector<acc_t> z(g.Ho * g.Wo);
+          std::vector<acc_t> scratch(pz ? 0 : g.Ho * g.Wo);
           acc_t flipped[K * K];
           for (int64_t nc = begin; nc < end; ++nc) {
             const int64_t c = nc % g.C;
             const acc_t* wc = pw + c * K * K;
             xp.load(px + nc * g.H * g.W);
-            conv_plane<K, kIdentity>(xp, wc, acc_t(0), z.data());
-            dz_in_place<ACT, false>(z.data(), pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c);
+            acc_t* zp = pz ? pz + nc * g.Ho * g.Wo : scratch.data();
+            if (!pz) conv_plane<K, kIdentity>(xp, wc, acc_t(0), zp);
+            dz_in_place<ACT, false>(zp, pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c);
             if (gather) {
-              conv_plane_backward<K>(xp, static_cast<PaddedPlane<acc_t>*>(nullptr), z.data(), wc, pdw + nc * K * K);
-              dxp.load(z.data());
+              conv_plane_backward<K>(xp, static_cast<PaddedPlane<acc_t>*>(nullptr), zp, wc, pdw + nc * K * K);
+              dxp.load(zp);
               for (int t = 0; t < K * K; ++t) flipped[t] = wc[K * K - 1 - t];
               conv_plane<K, kIdentity>(dxp, flipped, acc_t(0), pdx + nc * g.H * g.W);
             } else {
               std::fill(dxp.buf.begin(), dxp.buf.end(), acc_t(0));
-              conv_plane_backward<K>(xp, &dxp, z.data(), wc, pdw + nc * K * K);
+              conv_plane_backward<K>(xp, &dxp, zp, wc, pdw + nc * K * K);
               dxp.store(pdx + nc * g.H * g.W);
             }
           }
@@ -969,6 +990,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
     column_sums(pdw, P, weight.numel(), dw.mutable_data_ptr<acc_t>());
   });
   return {dx, dw};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
+                                                const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t act) {
+  return backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, {});
 }
 
 // ---- the training passes as one op each (CPU) ---------------------------------------------------
@@ -1062,8 +1090,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_backward_cpu(
     return {relayout(dx, true), dw, dgamma, dbeta};
   }
   const auto [scale, shift] = train_affine(gamma, beta, mean, invstd);
+  // z from the first pass is kept for the second (one conv less, as in train_forward_cpu); in
+  // channels_last the second pass needed a buffer of this size for dz anyway.
+  at::Tensor z = at::empty({g.N * g.Ho * g.Wo * g.C}, weight.options());
   // dbeta = sum g, dgamma = invstd * sum g * (z - mean)
-  auto [dbeta, dgamma] = grad_stats_cpu(grad, x, weight, scale, shift, mean, stride, padding, dilation, act);
+  auto [dbeta, dgamma] = grad_stats_impl(grad, x, weight, scale, shift, mean, stride, padding, dilation, act, z);
   // dz = scale * (g - dbeta / M - xhat * dgamma / M) = scale * g + p + q * z
   at::Tensor p = at::empty_like(mean), q = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "dwconv_bn_backward_coefficients", [&] {
@@ -1078,7 +1109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_backward_cpu(
       pp[c] = -ps[c] * pdb[c] / count - pq[c] * pm[c];
     }
   });
-  auto [dx, dw] = backward_cpu(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act);
+  auto [dx, dw] = backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, z);
   return {dx, dw, dgamma, dbeta};
 }
 
