@@ -34,7 +34,8 @@ from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
 from fastblocks.ops._common import check_tensor, custom_op, images_contiguous, like
 from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, split_work, tl, triton
-from fastblocks.ops.dwconv_bn_act import ACTIVATIONS, _combine_stats, _torch_act_, _torch_act_backward
+from fastblocks.ops.dwconv_bn_act import (ACTIVATIONS, _combine_stats, _torch_act_, _torch_act_backward,
+                                         _torch_affine)
 
 register_op("bn_act", "bn_act_forward")
 
@@ -98,10 +99,6 @@ def _per_channel(t: Tensor) -> Tensor:
     return t[:, None, None]
 
 
-def _pre_activation(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(_per_channel(shift), x, _per_channel(scale))
-
-
 def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
     var, mean = torch.var_mean(x.to(stat_dtype(x)), dim=(0, 2, 3), correction=0)
     return mean, var
@@ -109,14 +106,14 @@ def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _forward_torch(x, mean, invstd, weight, bias, activation, channels_last):
     scale, shift = _scale_shift(mean, invstd, weight, bias)
-    y = _torch_act_(_pre_activation(x.to(scale.dtype), scale, shift), activation).to(x.dtype)
+    y = _torch_act_(_torch_affine(x, scale, shift), activation).to(x.dtype)
     return y.contiguous(memory_format=_format(channels_last))
 
 
 def _backward_torch(grad, x, mean, invstd, weight, bias, batch_stats, activation, channels_last):
     scale, shift = _scale_shift(mean, invstd, weight, bias)
     xf = x.to(scale.dtype)
-    dym = _torch_act_backward(grad.to(scale.dtype), _pre_activation(xf, scale, shift), activation)
+    dym = _torch_act_backward(grad.to(scale.dtype), _torch_affine(xf, scale, shift), activation)
     xmu = xf - _per_channel(mean)
     dbias = dym.sum((0, 2, 3))
     dweight = (dym * xmu).sum((0, 2, 3)) * invstd

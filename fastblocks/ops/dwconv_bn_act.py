@@ -129,8 +129,13 @@ def _per_channel(t: Tensor) -> Tensor:
     return t[None, :, None, None]
 
 
+def _torch_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """x * scale + shift per channel, one pass, in the parameters' dtype (a fresh tensor)."""
+    return torch.addcmul(_per_channel(shift), x.to(scale.dtype), _per_channel(scale))
+
+
 def _torch_affine_pre_activation(z: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return torch.addcmul(_per_channel(shift), z.to(scale.dtype), _per_channel(scale)).to(z.dtype)
+    return _torch_affine(z, scale, shift).to(z.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
