@@ -47,6 +47,17 @@ struct VecOf<double> {
 
 template <typename T>
 using vec = typename VecOf<T>::type;
+
+// The same vector at T's alignment, for loads and stores at any element. Typed accesses, not memcpy:
+// a memcpy store may alias any object, so GCC reloaded every size, stride and data pointer of the
+// enclosing loops after each store (measured: a channels_last BatchNorm pass 1.9x slower).
+template <typename T>
+struct UnalignedVecOf {
+  typedef vec<T> type __attribute__((aligned(alignof(T))));
+};
+template <typename T>
+using unaligned_vec = typename UnalignedVecOf<T>::type;
+static_assert(alignof(unaligned_vec<float>) == alignof(float) && alignof(unaligned_vec<double>) == alignof(double));
 template <typename T>
 constexpr int lanes = FB_SIMD_BYTES / sizeof(T);
 
@@ -55,7 +66,7 @@ template <typename acc_t, typename scalar_t>
 FB_SIMD_INLINE vec<acc_t> load(const scalar_t* p) {
   vec<acc_t> v;
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    std::memcpy(&v, p, sizeof v);
+    v = *reinterpret_cast<const unaligned_vec<acc_t>*>(p);
   } else {
     acc_t tmp[lanes<acc_t>];
     for (int j = 0; j < lanes<acc_t>; ++j) tmp[j] = static_cast<acc_t>(p[j]);
@@ -83,7 +94,7 @@ FB_SIMD_INLINE vec<acc_t> load_n(const scalar_t* p, int n, bool readable = false
 
 template <typename acc_t>
 FB_SIMD_INLINE void store(acc_t* p, const vec<acc_t>& v) {
-  std::memcpy(p, &v, sizeof v);
+  *reinterpret_cast<unaligned_vec<acc_t>*>(p) = v;
 }
 
 // The first n lanes of v into out, converted to out's dtype.
@@ -91,7 +102,7 @@ template <typename acc_t, typename out_t>
 FB_SIMD_INLINE void store_n(out_t* out, const vec<acc_t>& v, int n) {
   if constexpr (std::is_same_v<acc_t, out_t>) {
     if (n == lanes<acc_t>) store(out, v);
-    else std::memcpy(out, &v, n * sizeof(acc_t));
+    else for (int j = 0; j < n; ++j) out[j] = v[j];
   } else {
     for (int j = 0; j < n; ++j) out[j] = static_cast<out_t>(v[j]);
   }
