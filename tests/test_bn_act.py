@@ -41,7 +41,7 @@ def test_every_activation_is_tested():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape, activation", [((2, 3, 5, 7), "relu"), ((1, 20, 3, 3), "silu"),
                                                ((3, 67, 4, 2), "hardswish"), ((2, 9, 3, 5), "relu6"),
-                                               ((2, 4, 3, 3), "none")])
+                                               ((2, 4, 3, 3), "none"), ((2, 70, 2, 3), "silu")])
 def test_matches_batch_norm_act(backend, device, layout, training, shape, activation):
     require_backend("bn_act", backend, device)
     C = shape[1]

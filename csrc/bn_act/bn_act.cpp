@@ -161,12 +161,33 @@ FB_CPU_MULTIVERSION void plane_sums(const Geometry& g, const ChannelTables<acc_t
   }
 }
 
+// The sums over the channels_last pixels [b, e) of the VB whole channel vectors from c, into
+// acc[k * width + c - c0 + j * L]. A block of VB vectors reads whole
+// cache lines of each pixel in one sweep (one vector per sweep used half of each line, and swept the
+// task's pixels once per vector); the VB * K partials stay in registers.
+template <int VB, typename acc_t, int K, int P, typename F>
+FB_SIMD_INLINE void pixel_block_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
+                                     int64_t c, int64_t c0, acc_t* acc, int64_t width, const F& f) {
+  constexpr int L = simd::lanes<acc_t>;
+  std::array<std::array<vec<acc_t>, P>, VB> params;
+  for (int j = 0; j < VB; ++j) params[j] = t.load(c + j * L);
+  std::array<std::array<vec<acc_t>, K>, VB> part{};
+  const int64_t x_stride = g.x_stride, C = g.C;
+  for (int64_t r = b; r < e; ++r)
+    for (int j = 0; j < VB; ++j)
+      accumulate<acc_t, K>(part[j], f(Run{r * x_stride + c + j * L, r * C + c + j * L, L, true}, params[j]), L);
+  for (int j = 0; j < VB; ++j)
+    for (int k = 0; k < K; ++k) simd::store(acc + k * width + c - c0 + j * L, part[j][k]);
+}
+
 // acc[k * width + c - c0] = the sums over the channels_last pixels [b, e) of channels [c0, c1).
 template <typename acc_t, int K, int P, typename F>
 FB_CPU_MULTIVERSION void pixel_sums(const Geometry& g, const ChannelTables<acc_t, P>& t, int64_t b, int64_t e,
                                     int64_t c0, int64_t c1, acc_t* acc, int64_t width, const F& f) {
-  constexpr int L = simd::lanes<acc_t>;
-  for (int64_t c = c0; c < c1; c += L) {  // channel vectors outer: the K partial vectors stay in registers
+  constexpr int L = simd::lanes<acc_t>, VB = 4;
+  int64_t c = c0;
+  for (; c + VB * L <= c1; c += VB * L) pixel_block_sums<VB, acc_t, K>(g, t, b, e, c, c0, acc, width, f);
+  for (; c < c1; c += L) {  // the rest one vector at a time, the last one maybe partial
     const auto params = t.load(c);
     std::array<vec<acc_t>, K> part{};
     for (int64_t r = b; r < e; ++r) {
@@ -296,17 +317,24 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
         const vec<acc_t> dy = simd::load_n<acc_t>(pdy + r.oi, r.n, r.whole);
         return std::array<vec<acc_t>, 2>{dy * simd::activate_grad<ACT, acc_t>(xv * p[0] + p[1]), xv - p[2]};
       };
+      // SiLU's derivative costs an exp and a division per value, more on the CPU than writing g into
+      // dx and reading it back, so the sums pass keeps it there for the dx pass. Not when dx is a shared
+      // buffer (backward_into) or narrower than acc_t (g would be rounded).
+      scalar_t* po = out.mutable_data_ptr<scalar_t>();
+      const bool keep_g = ACT == kSiLU && std::is_same_v<scalar_t, acc_t> && !accumulate;
       auto sums = channel_sums<acc_t, 2>(g, t, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
         const auto [d, xmu] = grad_u(r, p);
+        if (keep_g) simd::store_n<acc_t>(po + r.oi, d, r.n);
         return std::array<vec<acc_t>, 2>{d, d * xmu};
       });
       terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
       const ChannelTables<acc_t, 5> tt({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
                                         mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
                                         terms.b.const_data_ptr<acc_t>()}, g);
-      scalar_t* po = out.mutable_data_ptr<scalar_t>();
       for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
-        const auto [d, xmu] = grad_u(r, p);
+        const auto [d, xmu] = keep_g ? std::array<vec<acc_t>, 2>{simd::load_n<acc_t>(po + r.oi, r.n, r.whole),
+                                                                 simd::load_n<acc_t>(px + r.xi, r.n, r.whole) - p[2]}
+                                     : grad_u(r, p);
         const vec<acc_t> dx = p[0] * (d - p[3] - xmu * p[4]);
         if (accumulate) {  // lanes past n are read (inside out's extent, like x's) but not stored
           simd::store_n<acc_t>(po + r.xi, simd::load_n<acc_t>(po + r.xi, r.n, r.whole) + dx, r.n);
