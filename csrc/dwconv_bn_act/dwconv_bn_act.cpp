@@ -160,18 +160,21 @@ FB_SIMD_INLINE simd::vec<acc_t> param(const acc_t* a, int64_t c) {
   return simd::broadcast(a[0]);
 }
 
+// With `kept` (laid out as z), g is read from it instead of recomputed from dy.
 template <int ACT, bool PER_CHANNEL, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void dz_in_place(acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
-                                     const acc_t* t, const acc_t* p, const acc_t* q) {
+                                     const acc_t* t, const acc_t* p, const acc_t* q, const acc_t* kept) {
   constexpr int L = simd::lanes<acc_t>;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* zr = z + r * C;
     const scalar_t* dr = dy + r * C;
     for (int64_t c = 0; c < C; c += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+      const bool whole = n == L || r + 1 < rows;
       const auto sv = param<PER_CHANNEL>(s, c);
-      const auto [gv, zv] = grad_through_act<ACT>(zr + c, dr + c, n, n == L || r + 1 < rows, sv,
-                                                  param<PER_CHANNEL>(t, c));
+      const auto [gv, zv] = kept ? std::pair{simd::load_n<acc_t>(kept + r * C + c, n, whole),
+                                             simd::load_n<acc_t>(zr + c, n, whole)}
+                                 : grad_through_act<ACT>(zr + c, dr + c, n, whole, sv, param<PER_CHANNEL>(t, c));
       simd::store_n<acc_t>(zr + c, sv * gv + param<PER_CHANNEL>(p, c) + param<PER_CHANNEL>(q, c) * zv, n);
     }
   }
@@ -374,16 +377,17 @@ FB_CPU_MULTIVERSION void mean_m2(const acc_t* z, int64_t n, acc_t& mean, acc_t& 
   m2 = sq;
 }
 
-// Sums over one plane of g = dy * act'(s * z + t) and of g * (z - center).
+// Sums over one plane of g = dy * act'(s * z + t) and of g * (z - center); g also into g_out if given.
 template <int ACT, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void grad_sums_plane(const acc_t* z, const scalar_t* dy, int64_t n, acc_t s, acc_t t,
-                                         acc_t center, acc_t& sum_g, acc_t& sum_gz) {
+                                         acc_t center, acc_t& sum_g, acc_t& sum_gz, acc_t* g_out) {
   constexpr int L = simd::lanes<acc_t>;
   const auto sv = simd::broadcast(s), tv = simd::broadcast(t), cv = simd::broadcast(center);
   simd::vec<acc_t> sg{}, sgz{};
   for (int64_t i = 0; i < n; i += L) {
     const int m = static_cast<int>(std::min<int64_t>(L, n - i));
     auto [gv, zv] = grad_through_act<ACT>(z + i, dy + i, m, m == L, sv, tv);
+    if (g_out) simd::store_n<acc_t>(g_out + i, gv, m);
     gv = simd::keep_first<acc_t>(gv, m);
     sg += gv;
     sgz += gv * (zv - cv);
@@ -653,10 +657,11 @@ FB_CPU_MULTIVERSION void column_mean_m2(const acc_t* z, int64_t rows, int64_t C,
 }
 
 // Per-channel sums over the rows of g = dy * act'(s * z + t) and of g * (z - center) (z, dy: [rows, C];
-// s, t, center with slack).
+// s, t, center with slack); g also into g_out ([rows, C]) if given.
 template <int ACT, typename scalar_t, typename acc_t>
 FB_CPU_MULTIVERSION void column_grad_sums(const acc_t* z, const scalar_t* dy, int64_t rows, int64_t C, const acc_t* s,
-                                          const acc_t* t, const acc_t* center, acc_t* sum_g, acc_t* sum_gz) {
+                                          const acc_t* t, const acc_t* center, acc_t* sum_g, acc_t* sum_gz,
+                                          acc_t* g_out) {
   constexpr int L = simd::lanes<acc_t>;
   for (int64_t c = 0; c < C; c += L) {  // channel vectors outer: the sums stay in registers
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
@@ -664,6 +669,7 @@ FB_CPU_MULTIVERSION void column_grad_sums(const acc_t* z, const scalar_t* dy, in
     simd::vec<acc_t> sg{}, sgz{};
     for (int64_t r = 0; r < rows; ++r) {
       auto [gv, zv] = grad_through_act<ACT>(z + r * C + c, dy + r * C + c, n, n == L || r + 1 < rows, sv, tv);
+      if (g_out) simd::store_n<acc_t>(g_out + r * C + c, gv, n);
       gv = simd::keep_first<acc_t>(gv, n);
       sg += gv;
       sgz += gv * (zv - cv);
@@ -830,12 +836,14 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 // With a defined z_out (the accumulation dtype, one value per output element, in the output's layout)
-// the conv output z is also stored there, for backward_impl to reuse.
+// the conv output z is also stored there, for backward_impl to reuse; with a defined g_out (x's shape,
+// the accumulation dtype) g is stored in it, laid out as backward_impl's kept_g reads it.
 std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const at::Tensor& x,
                                                    const at::Tensor& weight, const at::Tensor& scale,
                                                    const at::Tensor& shift, const at::Tensor& center,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
-                                                   at::IntArrayRef dilation, int64_t act, const at::Tensor& z_out) {
+                                                   at::IntArrayRef dilation, int64_t act, const at::Tensor& z_out,
+                                                   const at::Tensor& g_out) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   dwconv::check_channel_param(scale, x, g, "scale");
   dwconv::check_channel_param(shift, x, g, "shift");
@@ -844,7 +852,7 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const
   TORCH_CHECK(!z_out.defined() || !small_nchw_planes(g), "grad_stats_impl: z_out with the small-plane relayout");
   if (small_nchw_planes(g))
     return grad_stats_impl(relayout(grad), relayout(x), weight, scale, shift, center, stride, padding, dilation, act,
-                           z_out);
+                           z_out, g_out);
   const int64_t P = g.channels_last ? g.N * g.Ho : g.N;
   at::Tensor sum_g_p = at::empty({P, g.C}, weight.options()), sum_gz_p = at::empty_like(sum_g_p);
   at::Tensor sum_g = at::empty({g.C}, weight.options()), sum_gz = at::empty_like(sum_g);
@@ -857,6 +865,7 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const
                 *pc = c_t.const_data_ptr<acc_t>();
     acc_t *psg = sum_g_p.mutable_data_ptr<acc_t>(), *psgz = sum_gz_p.mutable_data_ptr<acc_t>();
     acc_t* pz = z_out.defined() ? z_out.mutable_data_ptr<acc_t>() : nullptr;  // else the tasks' scratch rows / planes
+    acc_t* pg = g_out.defined() ? g_out.mutable_data_ptr<acc_t>() : nullptr;
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
       if (g.channels_last) {
@@ -864,7 +873,8 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const
         for_each_output_row<acc_t>(g, [&](acc_t* z, int64_t n, int64_t oh, int64_t row) {
           if (pz) z = pz + row * g.Wo * g.C;
           conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, z);
-          column_grad_sums<ACT>(z, pdy + row * g.Wo * g.C, g.Wo, g.C, ps, pt, pc, psg + row * g.C, psgz + row * g.C);
+          column_grad_sums<ACT>(z, pdy + row * g.Wo * g.C, g.Wo, g.C, ps, pt, pc, psg + row * g.C, psgz + row * g.C,
+                                pg ? pg + row * g.Wo * g.C : nullptr);
         });
         return;
       }
@@ -874,7 +884,8 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_impl(const at::Tensor& grad, const
           const int64_t nc = n * g.C + c;
           if (pz) z = pz + nc * g.Ho * g.Wo;
           conv_plane<K, kIdentity>(xp, pw + c * K * K, acc_t(0), z);
-          grad_sums_plane<ACT>(z, pdy + nc * g.Ho * g.Wo, g.Ho * g.Wo, ps[c], pt[c], pc[c], psg[nc], psgz[nc]);
+          grad_sums_plane<ACT>(z, pdy + nc * g.Ho * g.Wo, g.Ho * g.Wo, ps[c], pt[c], pc[c], psg[nc], psgz[nc],
+                               pg ? pg + nc * g.H * g.W : nullptr);
         });
       });
     });
@@ -893,28 +904,32 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cpu(const at::Tensor& grad, const 
                                                   const at::Tensor& scale, const at::Tensor& shift,
                                                   const at::Tensor& center, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
-  return grad_stats_impl(grad, x, weight, scale, shift, center, stride, padding, dilation, act, {});
+  return grad_stats_impl(grad, x, weight, scale, shift, center, stride, padding, dilation, act, {}, {});
 }
 
 // With a defined z (grad_stats_impl's z_out), the conv output is read from it instead of recomputed
-// from x, and dz is formed in place over it.
+// from x, and dz is formed in place over it. With a defined kept_g (grad_stats_impl's g_out), g is read
+// from it, and dx is written into it: g of an output row (channels_last) or plane (NCHW) lies where dx
+// of that row / plane goes, and every dz that reads it is formed before that dx is written.
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                                  const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
                                                  const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
-                                                 at::IntArrayRef dilation, int64_t act, const at::Tensor& z) {
+                                                 at::IntArrayRef dilation, int64_t act, const at::Tensor& z,
+                                                 const at::Tensor& kept_g) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
   for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&p, "p"}, {&q, "q"}})
     dwconv::check_channel_param(*t, x, g, name);
   dwconv::check_grad(grad, x, g);
   TORCH_CHECK(!z.defined() || !small_nchw_planes(g), "backward_impl: z with the small-plane relayout");
+  TORCH_CHECK(!kept_g.defined() || z.defined(), "backward_impl: kept_g without z");
   if (small_nchw_planes(g)) {
     auto [dx, dw] = backward_impl(relayout(grad), relayout(x), weight, scale, shift, p, q, stride, padding, dilation,
-                                  act, z);
+                                  act, z, kept_g);
     return {relayout(dx, true), dw};
   }
   const int64_t rows = g.N * g.Ho;
   const int64_t P = g.channels_last ? std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads())) : g.N;
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = kept_g.defined() ? kept_g : at::empty_like(x);
   at::Tensor dw_p = at::empty({P, g.C, g.K, g.K}, weight.options()), dw = at::empty_like(weight);
   const at::Tensor wt = weight_table(weight, g);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_affine_act_backward_cpu", [&] {
@@ -925,6 +940,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
     const acc_t *pw = wt.const_data_ptr<acc_t>(), *ps = s_t.const_data_ptr<acc_t>(), *pt = t_t.const_data_ptr<acc_t>(),
                 *pp = p_t.const_data_ptr<acc_t>(), *pq = q_t.const_data_ptr<acc_t>();
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
+    const acc_t* pdx_acc = kept_g.defined() ? kept_g.const_data_ptr<acc_t>() : nullptr;  // g, until dx is written
     acc_t* pdw = dw_p.mutable_data_ptr<acc_t>();
     const bool known = dispatch_activation(act, [&](auto a) {
       constexpr int ACT = decltype(a)::value;
@@ -941,7 +957,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
               const int64_t n = row / g.Ho, oh = row % g.Ho;
               acc_t* zr = pdz + row * row_len;
               if (!z.defined()) conv_row_nhwc<kIdentity>(g, px + n * g.H * g.W * g.C, pw, zero.data(), oh, zr);
-              dz_in_place<ACT, true>(zr, pdy + row * row_len, g.Wo, g.C, ps, pt, pp, pq);
+              dz_in_place<ACT, true>(zr, pdy + row * row_len, g.Wo, g.C, ps, pt, pp, pq,
+                                     kept_g.defined() ? pdx_acc + row * row_len : nullptr);
               weight_grad_row_nhwc(g, px + n * g.H * g.W * g.C, zr, oh, dw_block.data());
             }
             for (int64_t c = 0; c < g.C; ++c)
@@ -971,7 +988,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
             xp.load(px + nc * g.H * g.W);
             acc_t* zp = pz ? pz + nc * g.Ho * g.Wo : scratch.data();
             if (!pz) conv_plane<K, kIdentity>(xp, wc, acc_t(0), zp);
-            dz_in_place<ACT, false>(zp, pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c);
+            dz_in_place<ACT, false>(zp, pdy + nc * g.Ho * g.Wo, 1, g.Ho * g.Wo, ps + c, pt + c, pp + c, pq + c,
+                                    kept_g.defined() ? pdx_acc + nc * g.H * g.W : nullptr);
             if (gather) {
               conv_plane_backward<K>(xp, static_cast<PaddedPlane<acc_t>*>(nullptr), zp, wc, pdw + nc * K * K);
               dxp.load(zp);
@@ -996,7 +1014,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at
                                                 const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& p,
                                                 const at::Tensor& q, at::IntArrayRef stride, at::IntArrayRef padding,
                                                 at::IntArrayRef dilation, int64_t act) {
-  return backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, {});
+  return backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, {}, {});
 }
 
 // ---- the training passes as one op each (CPU) ---------------------------------------------------
@@ -1093,8 +1111,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_backward_cpu(
   // z from the first pass is kept for the second (one conv less, as in train_forward_cpu); in
   // channels_last the second pass needed a buffer of this size for dz anyway.
   at::Tensor z = at::empty({g.N * g.Ho * g.Wo * g.C}, weight.options());
+  // SiLU's derivative (an exp and a division) is the costliest part of g = dy * act'(u): the first pass
+  // keeps g for the second in dx's buffer (fp32 / fp64 x, and an output plane no larger than the input's).
+  const bool keep_g = act == kSiLU && x.scalar_type() == z.scalar_type() && g.Ho * g.Wo <= g.H * g.W;
+  const at::Tensor kept_g = keep_g ? at::empty_like(x) : at::Tensor();
   // dbeta = sum g, dgamma = invstd * sum g * (z - mean)
-  auto [dbeta, dgamma] = grad_stats_impl(grad, x, weight, scale, shift, mean, stride, padding, dilation, act, z);
+  auto [dbeta, dgamma] =
+      grad_stats_impl(grad, x, weight, scale, shift, mean, stride, padding, dilation, act, z, kept_g);
   // dz = scale * (g - dbeta / M - xhat * dgamma / M) = scale * g + p + q * z
   at::Tensor p = at::empty_like(mean), q = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "dwconv_bn_backward_coefficients", [&] {
@@ -1109,7 +1132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_backward_cpu(
       pp[c] = -ps[c] * pdb[c] / count - pq[c] * pm[c];
     }
   });
-  auto [dx, dw] = backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, z);
+  auto [dx, dw] = backward_impl(grad, x, weight, scale, shift, p, q, stride, padding, dilation, act, z, kept_g);
   return {dx, dw, dgamma, dbeta};
 }
 
