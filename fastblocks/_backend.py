@@ -47,8 +47,20 @@ def registered_ops() -> list[str]:
     return sorted(_OPS)
 
 
+_why_not_cache: dict[tuple[str, str, torch.device, torch.dtype], str | None] = {}
+
+
 def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run ``op`` for tensors of this device and dtype, or None if it can."""
+    if torch.compiler.is_compiling():  # traced once per graph; no cache state for Dynamo to guard on
+        return _why_not(op, backend, device, dtype)
+    key = (op, backend, device, dtype)
+    if key not in _why_not_cache:  # the answer is fixed once the extension and Triton are imported
+        _why_not_cache[key] = _why_not(op, backend, device, dtype)
+    return _why_not_cache[key]
+
+
+def _why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in FLOAT_DTYPES:
         return f"fastblocks kernels take float16, bfloat16, float32 or float64 tensors, got {dtype}"
     if backend == "torch":

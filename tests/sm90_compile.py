@@ -85,6 +85,7 @@ def _install_compile_only(compiled: list) -> None:
 
     JITFunction.run = compile_only
     fastblocks._backend.triton_unavailable = lambda device, dtype: None  # CPU tensors, any dtype
+    fastblocks._backend._why_not_cache.clear()
 
 
 def _cases():

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastblocks._backend import resolve
+from fastblocks.ops._common import as_param
 from fastblocks.ops.bn_act import bn_act
 from fastblocks.ops.dwconv_bn_act import _torch_act_
 
@@ -22,19 +23,18 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     """Fold one batch's per-channel ``mean`` and biased ``var`` over ``count`` values into ``bn``.
 
     Same arithmetic as ``nn.BatchNorm2d``: running_var gets the unbiased variance, and
-    ``momentum=None`` means a cumulative average over ``num_batches_tracked``.
+    ``momentum=None`` means a cumulative average over ``num_batches_tracked``. ``mean`` and ``var``
+    are statistics from the kernels, which carry no autograd history, so no ``no_grad()`` is needed.
     """
     if not (bn.training and bn.track_running_stats):
         return
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average; stays a tensor so torch.compile keeps one graph
-            factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-        else:
-            factor = bn.momentum
-        unbiased = var * (count / max(count - 1, 1))
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:  # cumulative moving average; stays a tensor so torch.compile keeps one graph
+        factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+    else:
+        factor = bn.momentum
+    bn.running_mean.lerp_(as_param(mean, bn.running_mean.dtype), factor)
+    bn.running_var.lerp_(as_param(var * (count / max(count - 1, 1)), bn.running_var.dtype), factor)
 
 
 def batch_norm_act(bn: nn.BatchNorm2d, x: Tensor, activation: str, impl: str | None) -> Tensor:

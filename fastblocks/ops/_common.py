@@ -53,6 +53,14 @@ def is_channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def as_param(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype).contiguous()``, without the calls when ``t`` is that already (each tensor call
+    from Python costs microseconds, a fused layer makes a dozen, and a small layer's kernels take ~10 us)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.to(dtype).contiguous()
+
+
 def like(t: Tensor, ref: Tensor) -> Tensor:
     """``t`` with exactly ``ref``'s strides (gradients arrive in whatever layout autograd chose)."""
     if t.stride() == ref.stride():

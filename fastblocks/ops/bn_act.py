@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import check_tensor, custom_op, images_contiguous, like
+from fastblocks.ops._common import as_param, check_tensor, custom_op, images_contiguous
 from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, split_work, tl, triton
 from fastblocks.ops.dwconv_bn_act import (ACTIVATIONS, _combine_stats, _torch_act_, _torch_act_backward,
                                          _torch_affine)
@@ -409,7 +409,6 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, grad):
     x, mean, invstd, weight, bias = ctx.saved_tensors
-    grad = like(grad, _empty_out(*_normalise(x)))
     dx, dweight, dbias = _bn_act_backward_op(grad, x, mean, invstd, weight, bias, ctx.batch_stats, ctx.activation,
                                              ctx.impl)
     return dx, None, None, dweight, dbias, None, None, None
@@ -460,9 +459,9 @@ def bn_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
         xd = x.detach()
         mean, var = _stats_op(xd, impl)
     else:
-        mean, var = running_mean.to(dtype), running_var.to(dtype)
-    weight = torch.ones(C, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
-    bias = torch.zeros(C, dtype=dtype, device=x.device) if bias is None else bias.to(dtype)
+        mean, var = as_param(running_mean, dtype), as_param(running_var, dtype)
+    weight = torch.ones(C, dtype=dtype, device=x.device) if weight is None else as_param(weight, dtype)
+    bias = torch.zeros(C, dtype=dtype, device=x.device) if bias is None else as_param(bias, dtype)
     invstd = torch.rsqrt(var + eps)
     return _bn_act_op(x, mean, invstd, weight, bias, use_batch, activation, impl), mean, var
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fastblocks import _ext
 from fastblocks._backend import register_op, resolve
-from fastblocks.ops._common import CustomOp, check_same, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
+from fastblocks.ops._common import CustomOp, as_param, check_same, check_tensor, custom_op, is_channels_last, nchw_or_nhwc
 from fastblocks.ops._triton import acc_type, activate, activate_grad, launches_on_input_device, tl, triton
 
 register_op("dwconv_bn_act", "dwconv_affine_act_forward")
@@ -594,9 +594,9 @@ def _dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, bat
     C = x.shape[1]
 
     def param(t, default):
-        return torch.full((C,), default, dtype=acc, device=x.device) if t is None else t.to(acc).contiguous()
+        return torch.full((C,), default, dtype=acc, device=x.device) if t is None else as_param(t, acc)
 
-    gamma, beta, w = param(bn_weight, 1.0), param(bn_bias, 0.0), weight.to(acc).contiguous()
+    gamma, beta, w = param(bn_weight, 1.0), param(bn_bias, 0.0), as_param(weight, acc)
     geom = (stride, padding, dilation)
     if batch_stats or running_mean is None or running_var is None:
         Ho, Wo = _output_hw(x, k[0], stride, padding, dilation)
