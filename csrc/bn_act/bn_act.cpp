@@ -240,6 +240,24 @@ std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const ChannelT
   return sums;
 }
 
+// The per-channel algebra of bn_act.h (scale_shift, backward_terms) as loops over [C] buffers: the
+// ATen ops on [C] tensors cost ~1 us of allocation and dispatch each, as much as the kernels of a
+// small layer (a backward made ten of them).
+template <typename acc_t>
+struct ChannelAffine {
+  std::vector<acc_t> scale, shift;
+
+  ChannelAffine(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias)
+      : scale(mean.numel()), shift(mean.numel()) {
+    const acc_t *m = mean.const_data_ptr<acc_t>(), *is = invstd.const_data_ptr<acc_t>(),
+                *w = weight.const_data_ptr<acc_t>(), *b = bias.const_data_ptr<acc_t>();
+    for (size_t c = 0; c < scale.size(); ++c) {
+      scale[c] = w[c] * is[c];
+      shift[c] = b[c] - m[c] * scale[c];
+    }
+  }
+};
+
 template <typename T>
 at::Tensor to_tensor(const std::vector<T>& v, const at::Tensor& like) {
   return at::tensor(at::ArrayRef<T>(v), like.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -278,12 +296,12 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const Geometry g = geometry(x);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   at::Tensor y = empty_out(x, g);
-  const Affine affine = scale_shift(mean, invstd, weight, bias);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    const ChannelTables<acc_t, 2> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>()}, g);
+    const ChannelAffine<acc_t> affine(mean, invstd, weight, bias);
+    const ChannelTables<acc_t, 2> t({affine.scale.data(), affine.shift.data()}, g);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       for_each_run(g, t, [&](const Run& r, const auto& ab) FB_LAMBDA_INLINE {
@@ -302,13 +320,12 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
   const Geometry g = geometry(x);
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
-  const Affine affine = scale_shift(mean, invstd, weight, bias);
-  BackwardTerms terms;
+  BackwardTerms terms{at::empty_like(mean), at::empty_like(mean), {}, {}};  // a, b stay in the loops below
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-    const ChannelTables<acc_t, 3> t({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
-                                     mean.const_data_ptr<acc_t>()}, g);
+    const ChannelAffine<acc_t> affine(mean, invstd, weight, bias);
+    const ChannelTables<acc_t, 3> t({affine.scale.data(), affine.shift.data(), mean.const_data_ptr<acc_t>()}, g);
     with_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
       // g = dy * act'(u) with u = x * scale + shift recomputed from x; returns g and x - mean
@@ -327,10 +344,20 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
         if (keep_g) simd::store_n<acc_t>(po + r.oi, d, r.n);
         return std::array<vec<acc_t>, 2>{d, d * xmu};
       });
-      terms = backward_terms(to_tensor(sums[0], x), to_tensor(sums[1], x), invstd, g.count(), batch_stats);
-      const ChannelTables<acc_t, 5> tt({affine.scale.const_data_ptr<acc_t>(), affine.shift.const_data_ptr<acc_t>(),
-                                        mean.const_data_ptr<acc_t>(), terms.a.const_data_ptr<acc_t>(),
-                                        terms.b.const_data_ptr<acc_t>()}, g);
+      // backward_terms (bn_act.h)
+      const acc_t* is = invstd.const_data_ptr<acc_t>();
+      acc_t *dweight = terms.dweight.mutable_data_ptr<acc_t>(), *dbias = terms.dbias.mutable_data_ptr<acc_t>();
+      std::vector<acc_t> a(g.C, acc_t(0)), b(g.C, acc_t(0));
+      for (int64_t c = 0; c < g.C; ++c) {
+        dbias[c] = sums[0][c];
+        dweight[c] = sums[1][c] * is[c];
+        if (batch_stats && g.count() > 0) {
+          a[c] = sums[0][c] / acc_t(g.count());
+          b[c] = dweight[c] * is[c] / acc_t(g.count());
+        }
+      }
+      const ChannelTables<acc_t, 5> tt({affine.scale.data(), affine.shift.data(), mean.const_data_ptr<acc_t>(),
+                                        a.data(), b.data()}, g);
       for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {
         const auto [d, xmu] = keep_g ? std::array<vec<acc_t>, 2>{simd::load_n<acc_t>(po + r.oi, r.n, r.whole),
                                                                  simd::load_n<acc_t>(px + r.xi, r.n, r.whole) - p[2]}
