@@ -3,8 +3,12 @@
 //
 // Per-channel sums run in two steps with a fixed order (deterministic, no atomics): a kernel writes
 // one partial sum per (channel, split) and a small aten sum over the splits finishes them.
+#include <limits>
+
 #include "bn_act.h"
 #include "cuda_utils.cuh"
+
+#include <ATen/cuda/detail/IntegerDivider.cuh>  // after ATen: it relies on c10's macros
 
 namespace fastblocks {
 namespace bn_act {
@@ -90,21 +94,52 @@ at::Tensor channel_sums(const Geometry& g, const at::Tensor& x, F f) {
   return partial.sum(2);
 }
 
+// Geometry::x_index with 32-bit multiply-shift divisions (ATen's IntDivider) for tensors of fewer
+// than 2^31 values: a 64-bit integer division costs ~100 instructions, and one or two per value would
+// bound the elementwise kernels by integer throughput, far below the memory bandwidth they need.
+struct FastGeometry {
+  at::cuda::detail::IntDivider<uint32_t> by_c, by_hw;
+  int64_t x_stride, HW;
+  bool channels_last;
+
+  explicit FastGeometry(const Geometry& g)
+      : by_c(static_cast<uint32_t>(g.C)), by_hw(static_cast<uint32_t>(g.HW)), x_stride(g.x_stride), HW(g.HW),
+        channels_last(g.channels_last) {}
+
+  __device__ __forceinline__ int64_t x_index(uint32_t i, int64_t& c) const {
+    if (channels_last) {
+      const auto rc = by_c.divmod(i);  // (pixel, channel)
+      c = rc.mod;
+      return rc.div * x_stride + rc.mod;
+    }
+    const auto rp = by_hw.divmod(i);  // (image * C + channel, pixel)
+    const auto nc = by_c.divmod(rp.div);
+    c = nc.mod;
+    return nc.div * x_stride + nc.mod * HW + rp.mod;
+  }
+};
+
 // f(c, x_index, out_index) for every value; one thread per output value, grid-stride.
-template <typename F>
-__global__ void for_each_value_kernel(Geometry g, F f) {
-  const int64_t n = g.numel();
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)blockDim.x * gridDim.x) {
+template <typename index_t, typename Index, typename F>
+__global__ void for_each_value_kernel(Index geometry, index_t n, F f) {
+  for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (index_t)blockDim.x * gridDim.x) {
     int64_t c;
-    const int64_t xi = g.x_index(i, c);
-    f(c, xi, i);
+    const int64_t xi = geometry.x_index(i, c);
+    f(c, xi, static_cast<int64_t>(i));
   }
 }
 
 template <typename F>
 void for_each_value(const Geometry& g, F f) {
-  if (g.numel() == 0) return;
-  for_each_value_kernel<<<cuda::num_blocks(g.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(g, f);
+  const int64_t n = g.numel();
+  if (n == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // below 2^31 values i + grid stride stays below 2^32: a 32-bit index never wraps around
+  if (n <= std::numeric_limits<int32_t>::max()) {
+    for_each_value_kernel<uint32_t><<<cuda::num_blocks(n), kThreads, 0, stream>>>(FastGeometry(g), static_cast<uint32_t>(n), f);
+  } else {
+    for_each_value_kernel<int64_t><<<cuda::num_blocks(n), kThreads, 0, stream>>>(g, n, f);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
