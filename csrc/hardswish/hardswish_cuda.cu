@@ -1,7 +1,11 @@
 // hard-swish, hard-sigmoid and the hard-sigmoid gate: CUDA kernels. Memory-bound, so each is one
 // pass with 16-byte vector loads (cuda_utils.cuh); math in fp32 for fp16 / bf16.
+#include <limits>
+
 #include "activations.h"
 #include "cuda_utils.cuh"
+
+#include <ATen/cuda/detail/IntegerDivider.cuh>  // after ATen: it relies on c10's macros
 
 namespace fastblocks {
 namespace {
@@ -71,27 +75,47 @@ void check_gate(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(g.device() == x.device(), "g must be on the device of x");
 }
 
-// Index of the gate that multiplies flat element i of x.
+// Index of the gate that multiplies flat element i of x, the flat index of its (image, channel).
+// ATen's IntDivider divides by multiply-shift for index_t = uint32_t (tensors below 2^31 values) and
+// plainly for uint64_t: two 64-bit divisions per value would bound this memory-bound map by integer
+// throughput.
+template <typename index_t>
 struct GateIndex {
-  int64_t C, HW;
+  at::cuda::detail::IntDivider<index_t> by_c, by_hw;
+  index_t C;
   bool channels_last;
+
   __device__ __forceinline__ int64_t operator()(int64_t i) const {
-    return channels_last ? (i / (HW * C)) * C + i % C : i / HW;
+    if (!channels_last) return by_hw.div(static_cast<index_t>(i));
+    const auto pixel = by_c.divmod(static_cast<index_t>(i));  // (image * HW + pixel, channel)
+    return by_hw.div(pixel.div) * C + pixel.mod;
   }
 };
 
+template <typename scalar_t, typename index_t>
+void gate_forward(const at::Tensor& x, const at::Tensor& g, bool channels_last, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t C = x.size(1);
+  const GateIndex<index_t> gi{C, static_cast<index_t>(x.size(2) * x.size(3)), C, channels_last};
+  const scalar_t* pg = g.const_data_ptr<scalar_t>();
+  launch_map2<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(), x.numel(),
+                        [=] __device__(int64_t i, acc_t v, acc_t) -> acc_t {
+                          return v * hardsigmoid(static_cast<acc_t>(pg[gi(i)]));
+                        });
+}
+
 at::Tensor hardsigmoid_gate_forward_cuda(const at::Tensor& x, const at::Tensor& g) {
-  const GateIndex gi{x.size(1), x.size(2) * x.size(3), is_channels_last_4d(x, "x")};
+  const bool channels_last = is_channels_last_4d(x, "x");
   check_gate(x, g);
   at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;  // IntDivider needs positive divisors
   const c10::cuda::CUDAGuard guard(x.device());
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hardsigmoid_gate_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pg = g.const_data_ptr<scalar_t>();
-    launch_map2<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(), x.numel(),
-                          [=] __device__(int64_t i, acc_t v, acc_t) -> acc_t {
-                            return v * hardsigmoid(static_cast<acc_t>(pg[gi(i)]));
-                          });
+    if (x.numel() <= std::numeric_limits<int32_t>::max()) {
+      gate_forward<scalar_t, uint32_t>(x, g, channels_last, out);
+    } else {
+      gate_forward<scalar_t, uint64_t>(x, g, channels_last, out);
+    }
   });
   return out;
 }
