@@ -119,6 +119,7 @@ DW_CASES = [  # (shape, kernel, stride, padding, dilation): B0 / MobileNet-like,
     ((2, 40, 9, 9), 7, (1, 1), (3, 3), (1, 1)),
     ((3, 8, 6, 7), 3, (2, 1), (0, 1), (2, 1)),
     ((2, 6, 20, 21), 3, (1, 1), (1, 1), (1, 1)),
+    ((1, 5, 10, 11), 3, (3, 3), (1, 1), (1, 1)),  # stride 3: dx's general source-row division
 ]
 
 

@@ -8,9 +8,13 @@
 //    consecutive channels), TC = 1, TP = 256 for NCHW (a warp reads 32 consecutive pixels). Each
 //    thread accumulates in registers, the block combines its TP lanes in shared memory and writes
 //    one partial row per (image, split); the host side finishes with a [P, C] reduction.
+#include <limits>
+
 #include "activations.h"
 #include "cuda_utils.cuh"
 #include "dwconv_bn_act/dwconv_bn_act.h"
+
+#include <ATen/cuda/detail/IntegerDivider.cuh>  // after ATen: it relies on c10's macros
 
 namespace fastblocks {
 namespace {
@@ -38,24 +42,47 @@ struct PlaneIndex {
   __device__ __forceinline__ int64_t operator()(int64_t i, int64_t j) const { return base + i * sh + j * sw; }
 };
 
-// (n, c, i, j) of flat element `idx` of an [N, C, h, w] tensor in g's memory order.
-__device__ __forceinline__ void decode(const DWGeometry& g, int64_t idx, int64_t h, int64_t w, int64_t& n, int64_t& c,
-                                       int64_t& i, int64_t& j) {
-  if (g.channels_last) {
-    c = idx % g.C;
-    idx /= g.C;
-    j = idx % w;
-    idx /= w;
-    i = idx % h;
-    n = idx / h;
-  } else {
-    j = idx % w;
-    idx /= w;
-    i = idx % h;
-    idx /= h;
-    c = idx % g.C;
-    n = idx / g.C;
+// (n, c, i, j) of flat element `idx` of an [N, C, h, w] tensor in g's memory order. ATen's IntDivider
+// divides by multiply-shift for index_t = uint32_t (tensors below 2^31 values) and plainly for
+// uint64_t: the three 64-bit divisions per element this took before cost more instructions than the
+// element's K * K taps.
+template <typename index_t>
+struct Decoder {
+  at::cuda::detail::IntDivider<index_t> by_c, by_h, by_w;
+  bool channels_last;
+
+  Decoder(const DWGeometry& g, int64_t h, int64_t w)
+      : by_c(static_cast<index_t>(g.C)), by_h(static_cast<index_t>(h)), by_w(static_cast<index_t>(w)),
+        channels_last(g.channels_last) {}
+
+  __device__ __forceinline__ void operator()(index_t idx, int64_t& n, int64_t& c, int64_t& i, int64_t& j) const {
+    if (channels_last) {
+      const auto cj = by_c.divmod(idx), ji = by_w.divmod(cj.div), in = by_h.divmod(ji.div);
+      c = cj.mod, j = ji.mod, i = in.mod, n = in.div;
+    } else {
+      const auto ji = by_w.divmod(idx), ic = by_h.divmod(ji.div), cn = by_c.divmod(ic.div);
+      j = ji.mod, i = ic.mod, c = cn.mod, n = cn.div;
+    }
   }
+};
+
+// Calls launch(index_t{}) with the narrowest index type for `total` elements.
+template <typename F>
+void with_index_type(int64_t total, F&& launch) {
+  if (total <= std::numeric_limits<int32_t>::max()) {  // then idx + grid stride < 2^32: no wrap-around
+    launch(uint32_t{});
+  } else {
+    launch(uint64_t{});
+  }
+}
+
+// The output row (column) that input row (column) t + padding - tap offset reads from with stride
+// s: t / s when t is a multiple of s in [0, s * limit), else -1. 32-bit, and no division for the
+// strides 1 and 2 of every real network (64-bit divisions per tap dominated the dx pass).
+__device__ __forceinline__ int source_row(int t, int s, int limit) {
+  if (t < 0) return -1;
+  const int q = s == 1 ? t : s == 2 ? ((t & 1) ? -1 : t >> 1) : (t % s ? -1 : t / s);
+  return q < limit ? q : -1;
 }
 
 // z = conv(x, w)[n, c, oh, ow]; also returns the K*K taps (zero in the padding) when `taps` is given.
@@ -125,13 +152,14 @@ __global__ void stats_kernel(const scalar_t* __restrict__ x, const at::opmath_ty
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [3][TP][TC]
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
-  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  // 32-bit pixel arithmetic: a plane has far fewer than 2^31 pixels
+  const int Wo = g.Wo, start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
   acc_t cnt = 0, mean = 0, m2 = 0;
   if (c < g.C) {
     const PlaneIndex xi(g, n, c, g.H, g.W);
     const acc_t* wc = w + c * K * K;
-    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
-      const acc_t z = conv_at<K>(x, wc, g, xi, p / g.Wo, p % g.Wo);
+    for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const acc_t z = conv_at<K>(x, wc, g, xi, p / Wo, p % Wo);
       cnt += 1;
       const acc_t d = z - mean;
       mean += d / cnt;
@@ -164,15 +192,15 @@ __global__ void stats_kernel(const scalar_t* __restrict__ x, const at::opmath_ty
 }
 
 // Reads x; writes y = act(scale * z + shift). One thread per output element, memory order.
-template <typename scalar_t, int K, int ACT>
+template <typename scalar_t, int K, int ACT, typename index_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ w,
                                const at::opmath_type<scalar_t>* __restrict__ scale,
                                const at::opmath_type<scalar_t>* __restrict__ shift, scalar_t* __restrict__ y,
-                               DWGeometry g, int64_t total) {
+                               DWGeometry g, Decoder<index_t> decode, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)blockDim.x * gridDim.x) {
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (index_t)blockDim.x * gridDim.x) {
     int64_t n, c, oh, ow;
-    decode(g, idx, g.Ho, g.Wo, n, c, oh, ow);
+    decode(idx, n, c, oh, ow);
     const acc_t z = conv_at<K>(x, w + c * K * K, g, PlaneIndex(g, n, c, g.H, g.W), oh, ow);
     y[idx] = static_cast<scalar_t>(activate<ACT>(scale[c] * z + shift[c]));
   }
@@ -191,13 +219,14 @@ __global__ void grad_stats_kernel(const scalar_t* __restrict__ dy, const scalar_
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
-  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  // 32-bit pixel arithmetic: a plane has far fewer than 2^31 pixels
+  const int Wo = g.Wo, start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
   acc_t sg = 0, sgz = 0;
   if (c < g.C) {
     const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
     const acc_t s = scale[c], t = shift[c], mu = center[c];
-    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
-      const int64_t oh = p / g.Wo, ow = p % g.Wo;
+    for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const int oh = p / Wo, ow = p % Wo;
       const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow);
       const acc_t gv = static_cast<acc_t>(dy[yi(oh, ow)]) * activate_grad<ACT>(s * z + t);
       sg += gv;
@@ -225,7 +254,8 @@ __global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
-  const int64_t start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
+  // 32-bit pixel arithmetic: a plane has far fewer than 2^31 pixels
+  const int Wo = g.Wo, start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
   acc_t dw[K * K];
 #pragma unroll
   for (int k = 0; k < K * K; ++k) dw[k] = 0;
@@ -233,8 +263,8 @@ __global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
     const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
     const acc_t s = scale[c], t = shift[c], pc = p_[c], qc = q_[c];
     acc_t taps[K * K];
-    for (int64_t p = start + threadIdx.y; p < end; p += blockDim.y) {
-      const int64_t oh = p / g.Wo, ow = p % g.Wo;
+    for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
+      const int oh = p / Wo, ow = p % Wo;
       const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow, taps);
       const int64_t o = yi(oh, ow);
       const acc_t dz = s * static_cast<acc_t>(dy[o]) * activate_grad<ACT>(s * z + t) + pc + qc * z;
@@ -266,25 +296,28 @@ __global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
 }
 
 // Reads dz; writes dx = conv_transpose(dz, w), gathered per input element (no atomics).
-template <typename scalar_t, int K>
+template <typename scalar_t, int K, typename index_t>
 __global__ void dx_kernel(const scalar_t* __restrict__ dz, const at::opmath_type<scalar_t>* __restrict__ w,
-                          scalar_t* __restrict__ dx, DWGeometry g, int64_t total) {
+                          scalar_t* __restrict__ dx, DWGeometry g, Decoder<index_t> decode, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)blockDim.x * gridDim.x) {
+  // spatial sizes, strides, padding and dilation are far below 2^31: 32-bit tap arithmetic
+  const int sh = g.sh, sw = g.sw, Ho = g.Ho, Wo = g.Wo;
+  for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (index_t)blockDim.x * gridDim.x) {
     int64_t n, c, ih, iw;
-    decode(g, idx, g.H, g.W, n, c, ih, iw);
+    decode(idx, n, c, ih, iw);
     const PlaneIndex yi(g, n, c, g.Ho, g.Wo);
     const acc_t* wc = w + c * K * K;
+    const int th0 = static_cast<int>(ih + g.ph), tw0 = static_cast<int>(iw + g.pw);
     acc_t acc = 0;
 #pragma unroll
     for (int kh = 0; kh < K; ++kh) {
-      const int64_t th = ih + g.ph - kh * g.dh;
-      if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+      const int oh = source_row(th0 - kh * static_cast<int>(g.dh), sh, Ho);
+      if (oh < 0) continue;
 #pragma unroll
       for (int kw = 0; kw < K; ++kw) {
-        const int64_t tw = iw + g.pw - kw * g.dw;
-        if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
-        acc += wc[kh * K + kw] * static_cast<acc_t>(dz[yi(th / g.sh, tw / g.sw)]);
+        const int ow = source_row(tw0 - kw * static_cast<int>(g.dw), sw, Wo);
+        if (ow < 0) continue;
+        acc += wc[kh * K + kw] * static_cast<acc_t>(dz[yi(oh, ow)]);
       }
     }
     dx[idx] = static_cast<scalar_t>(acc);
@@ -350,11 +383,14 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
   dispatch(x, g.K, act, "dwconv_affine_act_forward_cuda", [&](auto s, auto k, auto a) {
     using scalar_t = decltype(s);
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, decltype(k)::value, decltype(a)::value>
-        <<<cuda::num_blocks(y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale), cptr<acc_t>(shift),
-            y.mutable_data_ptr<scalar_t>(), g, y.numel());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(y.numel(), [&](auto i) {
+      using index_t = decltype(i);
+      forward_kernel<scalar_t, decltype(k)::value, decltype(a)::value, index_t>
+          <<<cuda::num_blocks(y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale), cptr<acc_t>(shift),
+              y.mutable_data_ptr<scalar_t>(), g, Decoder<index_t>(g, g.Ho, g.Wo), static_cast<index_t>(y.numel()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return y;
 }
@@ -408,9 +444,13 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
         cptr<acc_t>(shift), cptr<acc_t>(p), cptr<acc_t>(q), dz.mutable_data_ptr<scalar_t>(),
         dw.mutable_data_ptr<acc_t>(), g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dx_kernel<scalar_t, K><<<cuda::num_blocks(x.numel()), kThreads, 0, stream>>>(
-        dz.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), dx.mutable_data_ptr<scalar_t>(), g, x.numel());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(x.numel(), [&](auto i) {
+      using index_t = decltype(i);
+      dx_kernel<scalar_t, K, index_t><<<cuda::num_blocks(x.numel()), kThreads, 0, stream>>>(
+          dz.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), dx.mutable_data_ptr<scalar_t>(), g,
+          Decoder<index_t>(g, g.H, g.W), static_cast<index_t>(x.numel()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dx, dw.sum(0).view(weight.sizes())};
 }
