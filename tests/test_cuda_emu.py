@@ -113,6 +113,17 @@ def test_bn_act(emu, shape, layout, dtype, slice_extra):
             _compare(emu, "bn_act_backward_into", grad, x, mean, invstd, w, b, batch_stats, act, grad_x, mutated=(8,))
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 3, 3)])
+def test_bn_act_empty(emu, shape):
+    """No values per channel (zero statistics and gradients), or no channels."""
+    x = torch.randn(shape, dtype=torch.float64)
+    _compare(emu, "bn_act_stats", x)
+    mean, invstd = torch.ops.fastblocks_ext.bn_act_stats(x)
+    w, b = _channel(shape[1], torch.float64), _channel(shape[1], torch.float64)
+    _compare(emu, "bn_act_forward", x, mean, invstd, w, b, 3)
+    _compare(emu, "bn_act_backward", torch.randn_like(x), x, mean, invstd, w, b, True, 3)
+
+
 DW_CASES = [  # (shape, kernel, stride, padding, dilation): B0 / MobileNet-like, odd sizes, asymmetric
     ((2, 3, 7, 9), 3, (1, 1), (1, 1), (1, 1)),
     ((1, 33, 8, 5), 5, (2, 2), (2, 2), (1, 1)),

@@ -240,9 +240,7 @@ std::array<std::vector<acc_t>, K> channel_sums(const Geometry& g, const ChannelT
   return sums;
 }
 
-// The per-channel algebra of bn_act.h (scale_shift, backward_terms) as loops over [C] buffers: the
-// ATen ops on [C] tensors cost ~1 us of allocation and dispatch each, as much as the kernels of a
-// small layer (a backward made ten of them).
+// channel_affine (bn_act.h) of every channel.
 template <typename acc_t>
 struct ChannelAffine {
   std::vector<acc_t> scale, shift;
@@ -251,10 +249,7 @@ struct ChannelAffine {
       : scale(mean.numel()), shift(mean.numel()) {
     const acc_t *m = mean.const_data_ptr<acc_t>(), *is = invstd.const_data_ptr<acc_t>(),
                 *w = weight.const_data_ptr<acc_t>(), *b = bias.const_data_ptr<acc_t>();
-    for (size_t c = 0; c < scale.size(); ++c) {
-      scale[c] = w[c] * is[c];
-      shift[c] = b[c] - m[c] * scale[c];
-    }
+    for (size_t c = 0; c < scale.size(); ++c) channel_affine(m[c], is[c], w[c], b[c], scale[c], shift[c]);
   }
 };
 
@@ -320,7 +315,7 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
   const Geometry g = geometry(x);
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
-  BackwardTerms terms{at::empty_like(mean), at::empty_like(mean), {}, {}};  // a, b stay in the loops below
+  BackwardTerms terms{at::empty_like(mean), at::empty_like(mean)};
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
@@ -344,18 +339,11 @@ BackwardTerms backward_cpu_impl(const at::Tensor& grad, const at::Tensor& x, con
         if (keep_g) simd::store_n<acc_t>(po + r.oi, d, r.n);
         return std::array<vec<acc_t>, 2>{d, d * xmu};
       });
-      // backward_terms (bn_act.h)
       const acc_t* is = invstd.const_data_ptr<acc_t>();
       acc_t *dweight = terms.dweight.mutable_data_ptr<acc_t>(), *dbias = terms.dbias.mutable_data_ptr<acc_t>();
-      std::vector<acc_t> a(g.C, acc_t(0)), b(g.C, acc_t(0));
-      for (int64_t c = 0; c < g.C; ++c) {
-        dbias[c] = sums[0][c];
-        dweight[c] = sums[1][c] * is[c];
-        if (batch_stats && g.count() > 0) {
-          a[c] = sums[0][c] / acc_t(g.count());
-          b[c] = dweight[c] * is[c] / acc_t(g.count());
-        }
-      }
+      std::vector<acc_t> a(g.C), b(g.C);
+      for (int64_t c = 0; c < g.C; ++c)
+        backward_terms(sums[0][c], sums[1][c], is[c], g.count(), batch_stats, dweight[c], dbias[c], a[c], b[c]);
       const ChannelTables<acc_t, 5> tt({affine.scale.data(), affine.shift.data(), mean.const_data_ptr<acc_t>(),
                                         a.data(), b.data()}, g);
       for_each_run(g, tt, [&](const Run& r, const auto& p) FB_LAMBDA_INLINE {

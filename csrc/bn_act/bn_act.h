@@ -95,32 +95,33 @@ void with_activation(int64_t activation, F&& f) {
               activation);
 }
 
-// u = x * scale + shift, y = act(u): one formula for the forward and for u recomputed in backward.
-// (A struct, not a pair: lambdas capture it, and capturing structured bindings needs C++20, while
-// older torch builds extensions as C++17.)
-struct Affine {
-  at::Tensor scale, shift;
-};
-
-inline Affine scale_shift(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                          const at::Tensor& bias) {
-  at::Tensor scale = weight * invstd;
-  return {scale, bias - mean * scale};
+// u = x * scale + shift, y = act(u), with scale = weight * invstd and shift = bias - mean * scale: one
+// formula for the forward and for u recomputed in backward, on both devices. Each device computes
+// these per-channel values in its kernels (a few ATen ops on [C] tensors would cost a launch or an
+// allocation each, more than the kernels of a small layer).
+template <typename T>
+FB_HOST_DEVICE void channel_affine(T mean, T invstd, T weight, T bias, T& scale, T& shift) {
+  scale = weight * invstd;
+  shift = bias - mean * scale;
 }
 
 // Backward from the per-channel sums of g = grad * act'(u) and g * (x - mean):
-// dbias = sum g, dweight = invstd * sum g (x - mean), and dx = scale * (g - a - (x - mean) * b) where
-// a, b are the batch-statistics terms (zero when the statistics were constants, i.e. eval mode).
-struct BackwardTerms {
-  at::Tensor dweight, dbias, a, b;
-};
-
-inline BackwardTerms backward_terms(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
-                                    int64_t count, bool batch_stats) {
-  at::Tensor dweight = sum_dy_xmu * invstd;
-  if (!batch_stats || count == 0) return {dweight, sum_dy, at::zeros_like(sum_dy), at::zeros_like(sum_dy)};
-  return {dweight, sum_dy, sum_dy / count, dweight * invstd / count};
+// dbias = sum g, dweight = invstd * sum g (x - mean), and dx = scale * (g - a - (x - mean) * b) with
+// the batch-statistics terms a = dbias / count, b = dweight * invstd / count (zero when the statistics
+// were constants, i.e. eval mode).
+template <typename T>
+FB_HOST_DEVICE void backward_terms(T sum_g, T sum_gxmu, T invstd, int64_t count, bool batch_stats, T& dweight,
+                                   T& dbias, T& a, T& b) {
+  dbias = sum_g;
+  dweight = sum_gxmu * invstd;
+  const bool through_stats = batch_stats && count > 0;
+  a = through_stats ? sum_g / T(count) : T(0);
+  b = through_stats ? dweight * invstd / T(count) : T(0);
 }
+
+struct BackwardTerms {
+  at::Tensor dweight, dbias;
+};
 
 // A device's backward (backward_cpu_impl, backward_cuda_impl): dweight and dbias; dx is stored into
 // `out` at the dense output indices or, with `accumulate`, added into `out` at x's indices (out laid

@@ -2,7 +2,11 @@
 // contract as the CPU kernels in bn_act.cpp; the layout (Geometry) is in bn_act.h.
 //
 // Per-channel sums run in two steps with a fixed order (deterministic, no atomics): a kernel writes
-// one partial sum per (channel, split) and a small aten sum over the splits finishes them.
+// one partial sum per (channel, split), and a one-thread-per-channel kernel adds up the splits and
+// turns the totals into the pass's per-channel results (mean and variance, or the backward terms).
+// The elementwise passes compute scale and shift per value from the [C] parameters (L1-resident).
+// So a training layer is 4 launches forward (statistics) + 1 and 3 backward, none of them ATen ops
+// on [C] tensors.
 #include <limits>
 
 #include "bn_act.h"
@@ -70,28 +74,48 @@ __global__ void sums_nhwc_kernel(Geometry g, F f, acc_t* __restrict__ partial) {
   }
 }
 
-// [K, C] per-channel sums of f(c, x_index, out_index, acc) (f adds its K terms into acc).
+// finish(c, totals) per channel c, with totals[k] the sum over the S splits of partial [K][C][S] (in
+// a fixed order).
 template <typename acc_t, int K, typename F>
-at::Tensor channel_sums(const Geometry& g, const at::Tensor& x, F f) {
+__global__ void finish_sums_kernel(const acc_t* __restrict__ partial, int64_t C, int64_t S, F finish) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t totals[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    acc_t t = 0;
+    for (int64_t s = 0; s < S; ++s) t += partial[(k * C + c) * S + s];
+    totals[k] = t;
+  }
+  finish(c, totals);
+}
+
+// finish(c, totals) with totals[k] the per-channel sum of the k-th of the K terms f(c, x_index,
+// out_index, acc) adds into acc, over channel c's N * HW values.
+template <typename acc_t, int K, typename F, typename Finish>
+void channel_sums(const Geometry& g, const at::Tensor& x, F f, Finish finish) {
+  if (g.C == 0) return;
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  if (g.count() == 0 || g.C == 0) return at::zeros({K, g.C}, opts);
   const int64_t wanted = 4LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // blocks
   auto stream = at::cuda::getCurrentCUDAStream();
-  int64_t splits;
+  int64_t splits = 0;  // none without values: the totals are zero
   at::Tensor partial;
-  if (!g.channels_last) {
+  if (g.count() > 0 && !g.channels_last) {
     TORCH_CHECK(g.C <= std::numeric_limits<int32_t>::max(), "bn_act: too many channels");
     splits = std::clamp<int64_t>((wanted + g.C - 1) / g.C, 1, std::min<int64_t>(g.N, 65535));
     partial = at::empty({K, g.C, splits}, opts);
     sums_nchw_kernel<acc_t, K><<<dim3(g.C, splits), kThreads, 0, stream>>>(g, f, partial.mutable_data_ptr<acc_t>());
-  } else {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (g.count() > 0) {
     const int64_t tiles = (g.C + kTileC - 1) / kTileC;
     splits = std::clamp<int64_t>((wanted + tiles - 1) / tiles, 1, std::min<int64_t>((g.count() + kLanesP - 1) / kLanesP, 65535));
     partial = at::empty({K, g.C, splits}, opts);
     sums_nhwc_kernel<acc_t, K><<<dim3(tiles, splits), dim3(kTileC, kLanesP), 0, stream>>>(g, f, partial.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  const acc_t* pp = partial.defined() ? partial.const_data_ptr<acc_t>() : nullptr;
+  finish_sums_kernel<acc_t, K><<<cuda::num_blocks(g.C), kThreads, 0, stream>>>(pp, g.C, splits, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial.sum(2);
 }
 
 // Geometry::x_index with 32-bit multiply-shift divisions (ATen's IntDivider) for tensors of fewer
@@ -149,35 +173,56 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   at::Tensor mean, var;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    mean = at::empty({g.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    var = at::empty_like(mean);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const int64_t count = std::max<int64_t>(g.count(), 1);
-    mean = channel_sums<acc_t, 1>(g, x, [=] __device__(int64_t, int64_t xi, int64_t, acc_t* acc) {
-             acc[0] += static_cast<acc_t>(px[xi]);
-           })[0].div_(count);
-    const acc_t* mu = mean.const_data_ptr<acc_t>();
-    at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t, acc_t* acc) {
-                        const acc_t d = static_cast<acc_t>(px[xi]) - mu[c];
-                        acc[0] += d;
-                        acc[1] += d * d;
-                      }).div_(count);
-    // corrected two-pass: the first mean's rounding error, removed from both
-    var = (sums[1] - sums[0] * sums[0]).clamp_min_(0);
-    mean = mean + sums[0];
+    acc_t *mu = mean.mutable_data_ptr<acc_t>(), *pv = var.mutable_data_ptr<acc_t>();
+    const acc_t inv_count = g.count() > 0 ? acc_t(1) / acc_t(g.count()) : acc_t(0);
+    channel_sums<acc_t, 1>(
+        g, x, [=] __device__(int64_t, int64_t xi, int64_t, acc_t* acc) { acc[0] += static_cast<acc_t>(px[xi]); },
+        [=] __device__(int64_t c, const acc_t* total) { mu[c] = total[0] * inv_count; });
+    channel_sums<acc_t, 2>(
+        g, x,
+        [=] __device__(int64_t c, int64_t xi, int64_t, acc_t* acc) {
+          const acc_t d = static_cast<acc_t>(px[xi]) - mu[c];
+          acc[0] += d;
+          acc[1] += d * d;
+        },
+        [=] __device__(int64_t c, const acc_t* total) {  // the first mean's rounding error, removed from both
+          const acc_t shift = total[0] * inv_count;
+          mu[c] += shift;
+          pv[c] = std::max(total[1] * inv_count - shift * shift, acc_t(0));
+        });
   });
   return {mean, var};
 }
 
+// The per-channel [C] inputs of the elementwise passes.
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t *mean, *invstd, *weight, *bias;
+
+  ChannelParams(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias)
+      : mean(mean.const_data_ptr<acc_t>()), invstd(invstd.const_data_ptr<acc_t>()),
+        weight(weight.const_data_ptr<acc_t>()), bias(bias.const_data_ptr<acc_t>()) {}
+
+  __device__ __forceinline__ void affine(int64_t c, acc_t& scale, acc_t& shift) const {
+    channel_affine(mean[c], invstd[c], weight[c], bias[c], scale, shift);
+  }
+};
+
 // y = act(x * scale + shift) for one activation; a named function template because nvcc allows no
 // extended (__device__) lambda inside the generic lambda that dispatches the activation.
 template <int ACT, typename scalar_t>
-void forward_act(const Geometry& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+void forward_act(const Geometry& g, const at::Tensor& x, const ChannelParams<at::opmath_type<scalar_t>>& p,
                  at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* py = y.mutable_data_ptr<scalar_t>();
-  const acc_t *a = scale.const_data_ptr<acc_t>(), *b = shift.const_data_ptr<acc_t>();
   for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
-    py[oi] = static_cast<scalar_t>(activate<ACT>(static_cast<acc_t>(px[xi]) * a[c] + b[c]));
+    acc_t scale, shift;
+    p.affine(c, scale, shift);
+    py[oi] = static_cast<scalar_t>(activate<ACT>(static_cast<acc_t>(px[xi]) * scale + shift));
   });
 }
 
@@ -187,9 +232,9 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_out(x, g);
-  const Affine affine = scale_shift(mean, invstd, weight, bias);
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_forward_cuda", [&] {
-    with_activation(activation, [&](auto act) { forward_act<decltype(act)::value, scalar_t>(g, x, affine.scale, affine.shift, y); });
+    const ChannelParams<at::opmath_type<scalar_t>> p(mean, invstd, weight, bias);
+    with_activation(activation, [&](auto act) { forward_act<decltype(act)::value, scalar_t>(g, x, p, y); });
   });
   return y;
 }
@@ -198,26 +243,37 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
 // into `out` at the dense output index, or with `accumulate` added into `out` at x's index (out laid
 // out like x). One thread per value: no two threads touch one element.
 template <int ACT, typename scalar_t>
-BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                           const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift, bool batch_stats,
-                           at::Tensor& out, bool accumulate) {
+BackwardTerms backward_act(const Geometry& g, const at::Tensor& grad, const at::Tensor& x,
+                           const ChannelParams<at::opmath_type<scalar_t>>& p, bool batch_stats, at::Tensor& out,
+                           bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *px = x.const_data_ptr<scalar_t>(), *pdy = grad.const_data_ptr<scalar_t>();
-  const acc_t *sc = scale.const_data_ptr<acc_t>(), *sh = shift.const_data_ptr<acc_t>(),
-              *mu = mean.const_data_ptr<acc_t>();
-  at::Tensor sums = channel_sums<acc_t, 2>(g, x, [=] __device__(int64_t c, int64_t xi, int64_t oi, acc_t* acc) {
-    const acc_t xv = static_cast<acc_t>(px[xi]);
-    const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
-    acc[0] += d;
-    acc[1] += d * (xv - mu[c]);
-  });
-  BackwardTerms terms = backward_terms(sums[0], sums[1], invstd, g.count(), batch_stats);
-  const acc_t *ta = terms.a.const_data_ptr<acc_t>(), *tb = terms.b.const_data_ptr<acc_t>();
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  BackwardTerms terms{at::empty({g.C}, opts), at::empty({g.C}, opts)};
+  const at::Tensor ab = at::empty({2, g.C}, opts);  // the batch-statistics terms a, b
+  acc_t *dweight = terms.dweight.mutable_data_ptr<acc_t>(), *dbias = terms.dbias.mutable_data_ptr<acc_t>();
+  acc_t *a = ab.mutable_data_ptr<acc_t>(), *b = a + g.C;
+  const int64_t count = g.count();
+  channel_sums<acc_t, 2>(
+      g, x,
+      [=] __device__(int64_t c, int64_t xi, int64_t oi, acc_t* acc) {
+        acc_t scale, shift;
+        p.affine(c, scale, shift);
+        const acc_t xv = static_cast<acc_t>(px[xi]);
+        const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * scale + shift);
+        acc[0] += d;
+        acc[1] += d * (xv - p.mean[c]);
+      },
+      [=] __device__(int64_t c, const acc_t* total) {
+        backward_terms(total[0], total[1], p.invstd[c], count, batch_stats, dweight[c], dbias[c], a[c], b[c]);
+      });
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
   for_each_value(g, [=] __device__(int64_t c, int64_t xi, int64_t oi) {
+    acc_t scale, shift;
+    p.affine(c, scale, shift);
     const acc_t xv = static_cast<acc_t>(px[xi]);
-    const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * sc[c] + sh[c]);
-    const acc_t dx = sc[c] * (d - ta[c] - (xv - mu[c]) * tb[c]);
+    const acc_t d = static_cast<acc_t>(pdy[oi]) * activate_grad<ACT>(xv * scale + shift);
+    const acc_t dx = scale * (d - a[c] - (xv - p.mean[c]) * b[c]);
     if (accumulate) {
       po[xi] = static_cast<scalar_t>(static_cast<acc_t>(po[xi]) + dx);
     } else {
@@ -235,12 +291,11 @@ BackwardTerms backward_cuda_impl(const at::Tensor& grad, const at::Tensor& x, co
   check_grad(grad, x, g);
   check_channel_params(x, {{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&bias, "bias"}});
   const c10::cuda::CUDAGuard guard(x.device());
-  const Affine affine = scale_shift(mean, invstd, weight, bias);
   BackwardTerms terms;
   FB_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_cuda", [&] {
+    const ChannelParams<at::opmath_type<scalar_t>> p(mean, invstd, weight, bias);
     with_activation(activation, [&](auto act) {
-      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, mean, invstd, affine.scale, affine.shift, batch_stats,
-                                                           out, accumulate);
+      terms = backward_act<decltype(act)::value, scalar_t>(g, grad, x, p, batch_stats, out, accumulate);
     });
   });
   return terms;
