@@ -136,7 +136,7 @@ def _indices(j, c, C, HW, x_stride, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         return j * x_stride + c, j * C + c
     else:
-        n = j // HW
+        n = (j.to(tl.int32) // HW).to(tl.int64)  # 32 bits (count < 2^31, see _geometry): 64-bit division is slow
         p = j - n * HW
         return n * x_stride + c * HW + p, (n * C + c) * HW + p
 
@@ -255,6 +255,9 @@ def _tiles(C: int, channels_last: bool) -> tuple[int, int]:
 
 def _geometry(x: Tensor, channels_last: bool) -> tuple[int, int, int, int]:
     N, C, H, W = x.shape
+    if N * H * W >= 2 ** 31:
+        raise ValueError(f"the Triton bn_act kernels take fewer than 2^31 values per channel, got x of shape "
+                         f"{tuple(x.shape)}; use impl='cuda' or 'torch'")
     return C, H * W, N * H * W, _x_stride(x, channels_last)
 
 
