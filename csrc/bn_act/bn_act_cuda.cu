@@ -5,8 +5,7 @@
 // one partial sum per (channel, split), and a one-thread-per-channel kernel adds up the splits and
 // turns the totals into the pass's per-channel results (mean and variance, or the backward terms).
 // The elementwise passes compute scale and shift per value from the [C] parameters (L1-resident).
-// So a training layer is 4 launches forward (statistics) + 1 and 3 backward, none of them ATen ops
-// on [C] tensors.
+// A training layer thus takes 4 + 1 launches forward (statistics, then y) and 3 backward.
 #include <limits>
 
 #include "bn_act.h"
