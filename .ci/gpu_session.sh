@@ -5,22 +5,26 @@
 # one overall budget and is interrupted with SIGINT when it runs out, so pytest still writes what
 # finished. Logs and results go under $OUT.
 #
-#   OUT=/some/dir GPU_BUDGET_S=540 bash .ci/gpu_session.sh
+#   OUT=/some/dir GPU_BUDGET_S=540 GPU_PHASES=tests,bench-ops,bench-models,bench-compile-models \
+#     bash .ci/gpu_session.sh
 #
-# Results: $OUT/env.txt, $OUT/<phase>.log, $OUT/bench/<device>-<dtype>-<layout>-<date>.{json,md,png}.
-# The main benchmark phase leaves out torch.compile of whole models (minutes each); the last phase
-# runs those, with eager again, if time is left.
+# Results: $OUT/env.txt, $OUT/<phase>.log, $OUT/<phase>/<device>-<dtype>-<layout>-<date>.{json,md,png},
+# and all of it in $OUT/results.tgz (the device tool brings back at most 8 files). The model phase
+# leaves out torch.compile of whole models (minutes each); the last phase runs those, with eager
+# again, if time is left. GPU_PHASES picks phases, so that a lease can be split over two calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 BUDGET=${GPU_BUDGET_S:-540}
+PHASES=${GPU_PHASES:-tests,bench-ops,bench-models,bench-compile-models}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT/bench"
+mkdir -p "$OUT"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 
 elapsed() { echo $(( $(date +%s) - start )); }
+wanted() { [[ ",$PHASES," == *",$1,"* ]]; }
 
 # phase NAME LIMIT_S CMD...: CMD for at most LIMIT_S seconds and never past the budget, output to
 # $OUT/NAME.log (its tail here too).
@@ -52,7 +56,7 @@ extension_ok() {
 cat "$OUT/env.txt"
 
 xdist=()
-"$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
+"$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 12)
 
 # A library from .ci/prebuild_gpu_ext.sh (carried in) is used only if built from these very sources.
 so=fastblocks/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
@@ -63,19 +67,21 @@ else
   extension_ok || echo "gpu: the extension did not build; the cuda backend will be skipped"
 fi
 
-# Correctness on the GPU first: nothing measured counts if the kernels are wrong. sm90_compile is
-# what a GPU makes redundant.
-phase tests 200 env OMP_NUM_THREADS=2 "$PY" -m pytest tests -q -p no:cacheprovider -rfE "${xdist[@]}" --deselect tests/test_sm90_compile.py
+# Correctness on the GPU first: nothing measured counts if the kernels are wrong. Only the tests that
+# touch CUDA (CI runs the CPU ones); the emulator and sm90_compile are what a GPU makes redundant.
+wanted tests && phase tests 130 env OMP_NUM_THREADS=2 "$PY" -m pytest tests -q -p no:cacheprovider -rfE "${xdist[@]}" \
+  -k cuda --ignore tests/test_cuda_emu.py --deselect tests/test_sm90_compile.py
 
 bench=("$PY" -m pytest --benchmark-only -p no:cacheprovider)
 ops=(bench/test_dwconv_bn_act.py bench/test_squeeze_excite.py bench/test_shift.py bench/test_bn_act.py bench/test_hardswish.py)
 models=(bench/test_models.py bench/test_densenet.py)
-# One pytest run, so one result file: the ops, then the models without whole-model compiles.
-phase bench 420 "${bench[@]}" --results-dir "$OUT/bench" "${ops[@]}" "${models[@]}" \
-  -k "not (compile and (train or inference or largest or shiftresnet))"
+wanted bench-ops && phase bench-ops 260 "${bench[@]}" --results-dir "$OUT/bench-ops" "${ops[@]}" -k "not shiftresnet"
+wanted bench-models && phase bench-models 170 "${bench[@]}" --results-dir "$OUT/bench-models" "${models[@]}" bench/test_shift.py \
+  -k "(train or inference or largest or shiftresnet) and not (compile or squeezenet)"
 # Whole-model compiles, with eager again so that their ratios come from one run.
-phase bench-compile-models 300 "${bench[@]}" --results-dir "$OUT/bench-compile" "${models[@]}" bench/test_shift.py \
-  -k "(compile or eager) and (train or inference or shiftresnet)"
+wanted bench-compile-models && phase bench-compile-models 300 "${bench[@]}" --results-dir "$OUT/bench-compile" \
+  "${models[@]}" bench/test_shift.py -k "(compile or eager) and (train or inference or shiftresnet)"
 # The backend order `auto` would take from this run (to be merged with the CPU runs by derive_auto).
-ls "$OUT"/bench/*.json >/dev/null 2>&1 && "$PY" -m bench.derive_auto "$OUT"/bench/*.json --dry-run >"$OUT/auto_order.txt" 2>&1
+ls "$OUT"/bench-*/*.json >/dev/null 2>&1 && "$PY" -m bench.derive_auto "$OUT"/bench-*/*.json --dry-run >"$OUT/auto_order.txt" 2>&1
+tar -czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/results.tgz"
 echo "gpu: done after $(elapsed)s"

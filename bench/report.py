@@ -2,6 +2,7 @@
 
     python -m bench.report show bench/results/<run>.json             # Markdown tables of one run
     python -m bench.report compare OLD.json NEW.json                  # per-case speed change NEW vs OLD
+    python -m bench.report merge STEM A.json B.json ...               # one run written in parts -> STEM.*
 
 Ratios are speedups: ``× eager`` = eager time / fastblocks time (> 1 means fastblocks is faster);
 memory ratios are fastblocks / eager (< 1 means fastblocks uses less). A case's time is the statistic
@@ -167,6 +168,16 @@ def compare(old: dict, new: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result set from a run made in parts (e.g. the phases of a GPU session on one machine): the
+    benchmarks of all parts, a case measured again in a later part replacing the earlier one."""
+    by_name = {}
+    for data in parts:
+        by_name.update({b["fullname"]: b for b in data["benchmarks"]})
+    return {"machine_info": parts[0].get("machine_info", {}), "datetime": parts[-1]["datetime"],
+            "benchmarks": list(by_name.values())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,9 +187,14 @@ def main(argv=None):
     c = sub.add_parser("compare", help="compare two result files case by case")
     c.add_argument("old")
     c.add_argument("new")
+    m = sub.add_parser("merge", help="write STEM.json/.md/.png from the parts of one run")
+    m.add_argument("stem")
+    m.add_argument("parts", nargs="+")
     args = p.parse_args(argv)
     if args.cmd == "show":
         print(markdown(load(args.json)))
+    elif args.cmd == "merge":
+        print("\n".join(write_all(merge([load(f) for f in args.parts]), args.stem)))
     else:
         print(compare(load(args.old), load(args.new)))
 
