@@ -12,6 +12,11 @@ import torch
 
 from fastblocks._backend import BACKENDS, why_not
 
+# fp32 means fp32 in the references too: cuDNN convolutions default to TF32 (10-bit mantissa) on
+# Ampere and later, which put torchvision's squeeze-excite gradients 1e-3 away from exact ones.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REQUIRED = {b for b in os.environ.get("FASTBLOCKS_REQUIRE_BACKENDS", "").split(",") if b}
 

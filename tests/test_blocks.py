@@ -172,8 +172,7 @@ def test_block_triton():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("case", ["mbconv_residual", "v3_se_hardswish", "v2_residual"])
-def test_block_cuda(case, impl, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions in the reference
+def test_block_cuda(case, impl):
     for op in OPS:
         require_backend(op, impl, "cuda")
     make_ref, make_fb, channels = CASES[case]

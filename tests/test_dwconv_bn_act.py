@@ -47,7 +47,7 @@ def _reference(C, k, stride, act, eps=1e-5, momentum=0.1, padding=None, dilation
 def _fused_like(ref, backend, act, **kw):
     conv = ref[0]
     m = DWConvBNAct(conv.in_channels, conv.kernel_size[0], conv.stride, conv.padding, conv.dilation, act,
-                    ref[1].eps, ref[1].momentum, impl=backend, **kw).to(conv.weight.dtype)
+                    ref[1].eps, ref[1].momentum, impl=backend, **kw).to(conv.weight.device, conv.weight.dtype)
     m.load_state_dict(ref.state_dict(), strict=False)  # the reference may hold an Identity at index 2
     return m
 

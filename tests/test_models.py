@@ -105,8 +105,7 @@ def test_bytes_saved_for_backward(name, goal):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_large"])
-def test_models_on_cuda(name, impl, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 convolutions in the reference
+def test_models_on_cuda(name, impl):
     for op in OPS:
         require_backend(op, impl, "cuda")
     ref, fb = _models(name, impl)
