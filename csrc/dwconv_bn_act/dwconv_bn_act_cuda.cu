@@ -8,6 +8,10 @@
 //    consecutive channels), TC = 1, TP = 256 for NCHW (a warp reads 32 consecutive pixels). Each
 //    thread accumulates in registers, the block combines its TP lanes in shared memory and writes
 //    one partial row per (image, split); the host side finishes with a [P, C] reduction.
+// The kernels read the filter tap-major, [K * K, C] (`taps_major`): a warp's 32 consecutive channels
+// then read one 128-byte line per tap. In the [C, K * K] layout of the parameter, 32 channels K * K
+// values apart touched K * K lines per tap, and those loads, not the input's, bound the forward pass
+// on an H100 (first measurement: 160 GB/s for bf16 channels_last).
 #include <algorithm>
 #include <limits>
 
@@ -33,14 +37,21 @@ void dispatch_kernel_size(int64_t K, F&& f) {
   }
 }
 
-// Offsets of plane (n, c) and element strides along H and W of an [N, C, h, w] tensor in g's layout.
+// Offsets of plane (n, c) and element strides along H and W of an [N, C, h, w] tensor in g's layout,
+// in offset_t: 32-bit (uint32_t) in the elementwise passes over tensors below 2^31 values, which
+// halves the integer work of the K * K taps.
+template <typename offset_t>
 struct PlaneIndex {
-  int64_t base, sh, sw;
-  __device__ __forceinline__ PlaneIndex(const DWGeometry& g, int64_t n, int64_t c, int64_t h, int64_t w)
-      : base(g.channels_last ? n * h * w * g.C + c : (n * g.C + c) * h * w),
-        sh(g.channels_last ? w * g.C : w),
-        sw(g.channels_last ? g.C : 1) {}
-  __device__ __forceinline__ int64_t operator()(int64_t i, int64_t j) const { return base + i * sh + j * sw; }
+  offset_t base, sh, sw;
+  __device__ __forceinline__ PlaneIndex(const DWGeometry& g, offset_t n, offset_t c, int64_t h, int64_t w)
+      : base(g.channels_last ? (n * static_cast<offset_t>(h * w) * static_cast<offset_t>(g.C) + c)
+                             : (n * static_cast<offset_t>(g.C) + c) * static_cast<offset_t>(h * w)),
+        sh(static_cast<offset_t>(g.channels_last ? w * g.C : w)),
+        sw(static_cast<offset_t>(g.channels_last ? g.C : 1)) {}
+  // i, j >= 0 (callers check the bounds first)
+  __device__ __forceinline__ offset_t operator()(int i, int j) const {
+    return base + static_cast<offset_t>(i) * sh + static_cast<offset_t>(j) * sw;
+  }
 };
 
 // (n, c, i, j) of flat element `idx` of an [N, C, h, w] tensor in g's memory order. ATen's IntDivider
@@ -56,7 +67,7 @@ struct Decoder {
       : by_c(static_cast<index_t>(g.C)), by_h(static_cast<index_t>(h)), by_w(static_cast<index_t>(w)),
         channels_last(g.channels_last) {}
 
-  __device__ __forceinline__ void operator()(index_t idx, int64_t& n, int64_t& c, int64_t& i, int64_t& j) const {
+  __device__ __forceinline__ void operator()(index_t idx, index_t& n, index_t& c, index_t& i, index_t& j) const {
     if (channels_last) {
       const auto cj = by_c.divmod(idx), ji = by_w.divmod(cj.div), in = by_h.divmod(ji.div);
       c = cj.mod, j = ji.mod, i = in.mod, n = in.div;
@@ -86,21 +97,26 @@ __device__ __forceinline__ int source_row(int t, int s, int limit) {
   return q < limit ? q : -1;
 }
 
-// z = conv(x, w)[n, c, oh, ow]; also returns the K*K taps (zero in the padding) when `taps` is given.
-template <int K, typename scalar_t, typename acc_t>
+// z = conv(x, w)[n, c, oh, ow] with wc = the tap-major filter + c; also returns the K*K taps (zero in
+// the padding) when `taps` is given.
+// Spatial sizes, strides, padding and dilation are far below 2^31: 32-bit tap arithmetic.
+template <int K, typename scalar_t, typename acc_t, typename offset_t>
 __device__ __forceinline__ acc_t conv_at(const scalar_t* __restrict__ x, const acc_t* __restrict__ wc,
-                                         const DWGeometry& g, const PlaneIndex& xi, int64_t oh, int64_t ow,
+                                         const DWGeometry& g, const PlaneIndex<offset_t>& xi, int oh, int ow,
                                          acc_t* taps = nullptr) {
+  const int H = g.H, W = g.W, C = g.C;
+  const int ih0 = oh * static_cast<int>(g.sh) - static_cast<int>(g.ph);
+  const int iw0 = ow * static_cast<int>(g.sw) - static_cast<int>(g.pw);
   acc_t z = 0;
 #pragma unroll
   for (int kh = 0; kh < K; ++kh) {
-    const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+    const int ih = ih0 + kh * static_cast<int>(g.dh);
 #pragma unroll
     for (int kw = 0; kw < K; ++kw) {
-      const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
-      const acc_t v = (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? static_cast<acc_t>(x[xi(ih, iw)]) : acc_t(0);
+      const int iw = iw0 + kw * static_cast<int>(g.dw);
+      const acc_t v = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? static_cast<acc_t>(x[xi(ih, iw)]) : acc_t(0);
       if (taps != nullptr) taps[kh * K + kw] = v;
-      z += wc[kh * K + kw] * v;
+      z += wc[(kh * K + kw) * C] * v;
     }
   }
   return z;
@@ -165,10 +181,9 @@ __global__ void stats_kernel(const scalar_t* __restrict__ x, const at::opmath_ty
   const int Wo = g.Wo, start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
   acc_t cnt = 0, mean = 0, m2 = 0;
   if (c < g.C) {
-    const PlaneIndex xi(g, n, c, g.H, g.W);
-    const acc_t* wc = w + c * K * K;
+    const PlaneIndex<int64_t> xi(g, n, c, g.H, g.W);
     for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
-      const acc_t z = conv_at<K>(x, wc, g, xi, p / Wo, p % Wo);
+      const acc_t z = conv_at<K>(x, w + c, g, xi, p / Wo, p % Wo);
       cnt += 1;
       const acc_t d = z - mean;
       mean += d / cnt;
@@ -208,9 +223,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const at::opmath_
                                DWGeometry g, Decoder<index_t> decode, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (index_t)blockDim.x * gridDim.x) {
-    int64_t n, c, oh, ow;
+    index_t n, c, oh, ow;
     decode(idx, n, c, oh, ow);
-    const acc_t z = conv_at<K>(x, w + c * K * K, g, PlaneIndex(g, n, c, g.H, g.W), oh, ow);
+    const acc_t z = conv_at<K>(x, w + c, g, PlaneIndex<index_t>(g, n, c, g.H, g.W), oh, ow);
     y[idx] = static_cast<scalar_t>(activate<ACT>(scale[c] * z + shift[c]));
   }
 }
@@ -232,11 +247,11 @@ __global__ void grad_stats_kernel(const scalar_t* __restrict__ dy, const scalar_
   const int Wo = g.Wo, start = blockIdx.z * chunk, end = std::min<int64_t>(g.Ho * g.Wo, start + chunk);
   acc_t sg = 0, sgz = 0;
   if (c < g.C) {
-    const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
+    const PlaneIndex<int64_t> xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
     const acc_t s = scale[c], t = shift[c], mu = center[c];
     for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
       const int oh = p / Wo, ow = p % Wo;
-      const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow);
+      const acc_t z = conv_at<K>(x, w + c, g, xi, oh, ow);
       const acc_t gv = static_cast<acc_t>(dy[yi(oh, ow)]) * activate_grad<ACT>(s * z + t);
       sg += gv;
       sgz += gv * (z - mu);
@@ -269,12 +284,12 @@ __global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
 #pragma unroll
   for (int k = 0; k < K * K; ++k) dw[k] = 0;
   if (c < g.C) {
-    const PlaneIndex xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
+    const PlaneIndex<int64_t> xi(g, n, c, g.H, g.W), yi(g, n, c, g.Ho, g.Wo);
     const acc_t s = scale[c], t = shift[c], pc = p_[c], qc = q_[c];
     acc_t taps[K * K];
     for (int p = start + threadIdx.y; p < end; p += blockDim.y) {
       const int oh = p / Wo, ow = p % Wo;
-      const acc_t z = conv_at<K>(x, w + c * K * K, g, xi, oh, ow, taps);
+      const acc_t z = conv_at<K>(x, w + c, g, xi, oh, ow, taps);
       const int64_t o = yi(oh, ow);
       const acc_t dz = s * static_cast<acc_t>(dy[o]) * activate_grad<ACT>(s * z + t) + pc + qc * z;
       dz_out[o] = static_cast<scalar_t>(dz);
@@ -282,25 +297,36 @@ __global__ void dz_kernel(const scalar_t* __restrict__ dy, const scalar_t* __res
       for (int k = 0; k < K * K; ++k) dw[k] += dz * taps[k];
     }
   }
-  // Block total of each tap's dw in shared memory [K * K][TC]: NCHW blocks (TC = 1) first sum
-  // each warp's 32 pixel lanes with shuffles, so only one atomic per warp and tap hits an address.
-  const int tc = blockDim.x, tid = threadIdx.y * tc + threadIdx.x, lanes = tc * blockDim.y;
-  for (int i = tid; i < K * K * tc; i += lanes) smem[i] = 0;
-  __syncthreads();
+  // Block total of each tap's dw, summed in a fixed order (deterministic, unlike shared-memory
+  // atomics): NCHW blocks (TC = 1) sum each warp's 32 pixel lanes with shuffles and then the warps'
+  // totals; channels_last blocks (TC = 32) sum the TP pixel lanes of a tap through a double buffer.
+  const int tc = blockDim.x, tp = blockDim.y;
+  acc_t* out = dw_part + ((n * gridDim.z + blockIdx.z) * g.C + c) * K * K;
+  if (tc == 1) {
+    const int warps = tp / 32;
 #pragma unroll
-  for (int k = 0; k < K * K; ++k) {
-    if (tc == 1) {
+    for (int k = 0; k < K * K; ++k) {
       const acc_t v = cuda::warp_sum(dw[k]);
-      if (threadIdx.y % 32 == 0) atomicAdd(&smem[k], v);
-    } else {
-      atomicAdd(&smem[k * tc + threadIdx.x], dw[k]);
+      if (threadIdx.y % 32 == 0) smem[k * warps + threadIdx.y / 32] = v;
     }
-  }
-  __syncthreads();
-  const int64_t row = n * gridDim.z + blockIdx.z;
-  for (int i = tid; i < K * K * tc; i += lanes) {
-    const int64_t ch = (int64_t)blockIdx.x * tc + i % tc;
-    if (ch < g.C) dw_part[(row * g.C + ch) * K * K + i / tc] = smem[i];
+    __syncthreads();
+    for (int k = threadIdx.y; k < K * K && c < g.C; k += tp) {
+      acc_t total = 0;
+      for (int i = 0; i < warps; ++i) total += smem[k * warps + i];
+      out[k] = total;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K * K; ++k) {
+      acc_t* buf = smem + (k % 2) * tp * tc;  // the other buffer is still being read for tap k - 1
+      buf[threadIdx.y * tc + threadIdx.x] = dw[k];
+      __syncthreads();
+      if (threadIdx.y == 0 && c < g.C) {
+        acc_t total = 0;
+        for (int i = 0; i < tp; ++i) total += buf[i * tc + threadIdx.x];
+        out[k] = total;
+      }
+    }
   }
 }
 
@@ -309,13 +335,11 @@ template <typename scalar_t, int K, typename index_t>
 __global__ void dx_kernel(const scalar_t* __restrict__ dz, const at::opmath_type<scalar_t>* __restrict__ w,
                           scalar_t* __restrict__ dx, DWGeometry g, Decoder<index_t> decode, index_t total) {
   using acc_t = at::opmath_type<scalar_t>;
-  // spatial sizes, strides, padding and dilation are far below 2^31: 32-bit tap arithmetic
-  const int sh = g.sh, sw = g.sw, Ho = g.Ho, Wo = g.Wo;
+  const int sh = g.sh, sw = g.sw, Ho = g.Ho, Wo = g.Wo, C = g.C;
   for (index_t idx = (index_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (index_t)blockDim.x * gridDim.x) {
-    int64_t n, c, ih, iw;
+    index_t n, c, ih, iw;
     decode(idx, n, c, ih, iw);
-    const PlaneIndex yi(g, n, c, g.Ho, g.Wo);
-    const acc_t* wc = w + c * K * K;
+    const PlaneIndex<index_t> yi(g, n, c, g.Ho, g.Wo);
     const int th0 = static_cast<int>(ih + g.ph), tw0 = static_cast<int>(iw + g.pw);
     acc_t acc = 0;
 #pragma unroll
@@ -326,7 +350,7 @@ __global__ void dx_kernel(const scalar_t* __restrict__ dz, const at::opmath_type
       for (int kw = 0; kw < K; ++kw) {
         const int ow = source_row(tw0 - kw * static_cast<int>(g.dw), sw, Wo);
         if (ow < 0) continue;
-        acc += wc[kh * K + kw] * static_cast<acc_t>(dz[yi(oh, ow)]);
+        acc += w[(kh * K + kw) * C + c] * static_cast<acc_t>(dz[yi(oh, ow)]);
       }
     }
     dx[idx] = static_cast<scalar_t>(acc);
@@ -360,6 +384,11 @@ const acc_t* cptr(const at::Tensor& t) {
   return t.const_data_ptr<acc_t>();
 }
 
+// The [C, 1, K, K] filter as the kernels read it: [K * K, C] (see the top of this file).
+at::Tensor taps_major(const at::Tensor& weight) {
+  return weight.reshape({weight.size(0), -1}).t().contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DWGeometry g = dwconv::make_geometry(x, weight, stride, padding, dilation);
@@ -369,12 +398,13 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x, const at::Ten
   at::Tensor count = at::zeros({g.N * r.splits}, opts);
   if (g.N * g.C == 0) return combine_mean_m2(mean, m2, count);  // H or W may be 0 with output pixels from padding
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = taps_major(weight);
   dispatch(x, g.K, kIdentity, "dwconv_bn_stats_cuda", [&](auto s, auto k, auto) {
     using scalar_t = decltype(s);
     using acc_t = at::opmath_type<scalar_t>;
     stats_kernel<scalar_t, decltype(k)::value>
         <<<reduce_grid(g, r), dim3(r.tc, r.tp), 3 * kThreads * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), mean.mutable_data_ptr<acc_t>(),
+            x.const_data_ptr<scalar_t>(), cptr<acc_t>(w), mean.mutable_data_ptr<acc_t>(),
             m2.mutable_data_ptr<acc_t>(), count.mutable_data_ptr<acc_t>(), g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -389,6 +419,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
   at::Tensor y = dwconv::empty_output(x, g);
   if (y.numel() == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = taps_major(weight);
   dispatch(x, g.K, act, "dwconv_affine_act_forward_cuda", [&](auto s, auto k, auto a) {
     using scalar_t = decltype(s);
     using acc_t = at::opmath_type<scalar_t>;
@@ -396,7 +427,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
       using index_t = decltype(i);
       forward_kernel<scalar_t, decltype(k)::value, decltype(a)::value, index_t>
           <<<cuda::num_blocks(y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale), cptr<acc_t>(shift),
+              x.const_data_ptr<scalar_t>(), cptr<acc_t>(w), cptr<acc_t>(scale), cptr<acc_t>(shift),
               y.mutable_data_ptr<scalar_t>(), g, Decoder<index_t>(g, g.Ho, g.Wo), static_cast<index_t>(y.numel()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -417,12 +448,13 @@ std::tuple<at::Tensor, at::Tensor> grad_stats_cuda(const at::Tensor& grad, const
   at::Tensor sum_g = at::zeros({g.N * r.splits, g.C}, weight.options()), sum_gz = at::zeros_like(sum_g);
   if (grad.numel() == 0) return {sum_g.sum(0), sum_gz.sum(0)};
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = taps_major(weight);
   dispatch(x, g.K, act, "dwconv_affine_act_grad_stats_cuda", [&](auto s, auto k, auto a) {
     using scalar_t = decltype(s);
     using acc_t = at::opmath_type<scalar_t>;
     grad_stats_kernel<scalar_t, decltype(k)::value, decltype(a)::value>
         <<<reduce_grid(g, r), dim3(r.tc, r.tp), kThreads * sizeof(acc_t), at::cuda::getCurrentCUDAStream()>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale),
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(w), cptr<acc_t>(scale),
             cptr<acc_t>(shift), cptr<acc_t>(center), sum_g.mutable_data_ptr<acc_t>(), sum_gz.mutable_data_ptr<acc_t>(),
             g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -444,19 +476,21 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
   at::Tensor dx = at::empty_like(x), dz = at::empty_like(grad);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor w = taps_major(weight);
   dispatch(x, g.K, act, "dwconv_affine_act_backward_cuda", [&](auto s, auto k, auto a) {
     using scalar_t = decltype(s);
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int K = decltype(k)::value;
-    dz_kernel<scalar_t, K, decltype(a)::value><<<reduce_grid(g, r), dim3(r.tc, r.tp), K * K * r.tc * sizeof(acc_t), stream>>>(
-        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), cptr<acc_t>(scale),
+    const int64_t smem = (r.tc == 1 ? K * K * (r.tp / 32) : 2 * r.tc * r.tp) * sizeof(acc_t);
+    dz_kernel<scalar_t, K, decltype(a)::value><<<reduce_grid(g, r), dim3(r.tc, r.tp), smem, stream>>>(
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cptr<acc_t>(w), cptr<acc_t>(scale),
         cptr<acc_t>(shift), cptr<acc_t>(p), cptr<acc_t>(q), dz.mutable_data_ptr<scalar_t>(),
         dw.mutable_data_ptr<acc_t>(), g, r.chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     with_index_type(x.numel(), [&](auto i) {
       using index_t = decltype(i);
       dx_kernel<scalar_t, K, index_t><<<cuda::num_blocks(x.numel()), kThreads, 0, stream>>>(
-          dz.const_data_ptr<scalar_t>(), cptr<acc_t>(weight), dx.mutable_data_ptr<scalar_t>(), g,
+          dz.const_data_ptr<scalar_t>(), cptr<acc_t>(w), dx.mutable_data_ptr<scalar_t>(), g,
           Decoder<index_t>(g, g.H, g.W), static_cast<index_t>(x.numel()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
