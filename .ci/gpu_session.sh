@@ -5,7 +5,7 @@
 # one overall budget and is interrupted with SIGINT when it runs out, so pytest still writes what
 # finished. Logs and results go under $OUT.
 #
-#   OUT=/some/dir GPU_BUDGET_S=540 GPU_PHASES=tests,bench-ops,bench-models,bench-compile-models \
+#   OUT=/some/dir GPU_BUDGET_S=540 GPU_PHASES=tests,profile,bench-ops,bench-models,bench-compile-models \
 #     bash .ci/gpu_session.sh
 #
 # Results: $OUT/env.txt, $OUT/<phase>.log, $OUT/<phase>/<device>-<dtype>-<layout>-<date>.{json,md,png},
@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 BUDGET=${GPU_BUDGET_S:-540}
-PHASES=${GPU_PHASES:-tests,bench-ops,bench-models,bench-compile-models}
+PHASES=${GPU_PHASES:-tests,profile,bench-ops,bench-models,bench-compile-models}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -71,6 +71,9 @@ fi
 # touch CUDA (CI runs the CPU ones); the emulator and sm90_compile are what a GPU makes redundant.
 wanted tests && phase tests 130 env OMP_NUM_THREADS=2 "$PY" -m pytest tests -q -p no:cacheprovider -rfE "${xdist[@]}" \
   -k cuda --ignore tests/test_cuda_emu.py --deselect tests/test_sm90_compile.py
+
+# Where the GPU time of each fused op goes, kernel by kernel, against its wall time per step.
+wanted profile && phase profile 60 "$PY" -m bench.profile_gpu --backends eager cuda triton --rows 10
 
 bench=("$PY" -m pytest --benchmark-only -p no:cacheprovider)
 ops=(bench/test_dwconv_bn_act.py bench/test_squeeze_excite.py bench/test_shift.py bench/test_bn_act.py bench/test_hardswish.py)
