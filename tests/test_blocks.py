@@ -50,29 +50,30 @@ def assert_all_close(pairs, dtype, what: str) -> None:
         assert err <= bound, f"{what} {name}: error {err:.3g} > {bound:.3g} (|ref| {ref.double().norm().item():.3g})"
 
 
+def _step(m: nn.Module, x: torch.Tensor, train: bool, seed: int, dy: torch.Tensor | None = None):
+    """One forward + backward of ``m`` with the random stream at ``seed``: [[("output", y)],
+    [("input", x.grad)], [(name, param.grad) ...], [(name, buffer) ...]] and the output gradient used
+    (``dy``, or a random one drawn after the forward)."""
+    m.train(train)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = m(x)
+    dy = torch.randn_like(y) if dy is None else dy.to(y.dtype)
+    y.backward(dy)
+    groups = [[("output", y.detach())], [("input", x.grad)], [(n, p.grad) for n, p in m.named_parameters()],
+              list(m.named_buffers())]
+    return groups, dy
+
+
 def assert_same_step(ref: nn.Module, fb: nn.Module, x: torch.Tensor, train: bool, seed: int = 0) -> None:
     """One forward + backward with the same input, random stream and output gradient: the same output,
     input gradient, parameter gradients (matched in order) and, afterwards, buffers."""
-    dtype = x.dtype
-    ref.train(train)
-    fb.train(train)
-    x_ref, x_fb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    y_ref = ref(x_ref)
-    torch.manual_seed(seed)
-    y_fb = fb(x_fb)
-    assert_all_close([("output", y_fb, y_ref)], dtype, "output")
-    dy = torch.randn_like(y_ref)
-    y_ref.backward(dy)
-    y_fb.backward(dy)
-    assert_all_close([("input", x_fb.grad, x_ref.grad)], dtype, "grad")
-    ref_params, fb_params = list(ref.named_parameters()), list(fb.parameters())
-    assert len(ref_params) == len(fb_params)
-    assert_all_close([(n, f.grad, r.grad) for (n, r), f in zip(ref_params, fb_params)], dtype, "grad")
-    ref_buffers, fb_buffers = list(ref.named_buffers()), list(fb.buffers())
-    assert len(ref_buffers) == len(fb_buffers)
-    if ref_buffers:
-        assert_all_close([(n, f, r) for (n, r), f in zip(ref_buffers, fb_buffers)], dtype, "buffer")
+    ref_groups, dy = _step(ref, x, train, seed)
+    fb_groups, _ = _step(fb, x, train, seed, dy)
+    for what, r, f in zip(("output", "grad", "grad", "buffer"), ref_groups, fb_groups):
+        assert len(r) == len(f)
+        if r:
+            assert_all_close([(n, ft, rt) for (n, rt), (_, ft) in zip(r, f)], x.dtype, what)
 
 
 def _randomize_bn(module: nn.Module) -> None:

@@ -100,19 +100,24 @@ def test_bytes_saved_for_backward(name, goal):
 
 
 # Triton on CPU runs interpreted, far too slowly for whole models: tests/test_blocks.py::test_block_triton
-# covers it on one block; on a GPU the models run with both kernel backends.
+# covers it on one block; on a GPU the models run with both kernel backends. The training step is
+# compared in float64: a randomly initialised model's training step at this size is so ill-conditioned
+# (BatchNorm over 8x3x3 values at the end; float64 rounding alone moves MobileNetV3-Large's input
+# gradient by 4e-9 relative) that two float32 implementations differ by 1e-3 to 1e-2 while each is as
+# close to float64 as float32 allows; the first H100 run failed MobileNetV3-Large with cuda at 1.4e-3
+# under a fixed float32 tolerance of 1e-3. The eval step, well-conditioned, is compared in float32.
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenet_v3_large"])
 def test_models_on_cuda(name, impl):
     for op in OPS:
-        require_backend(op, impl, "cuda")
+        require_backend(op, impl, "cuda", torch.float64)
     ref, fb = _models(name, impl)
-    ref, fb = ref.float().cuda(), fb.float().cuda()
-    x = torch.randn(8, 3, 96, 96, device="cuda").contiguous(memory_format=torch.channels_last)
+    ref, fb = ref.cuda(), fb.cuda()
+    x = torch.randn(8, 3, 96, 96, device="cuda", dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert_same_step(ref, fb, x, train=True)
-    assert_same_step(ref, fb, x, train=False)
+    assert_same_step(ref.float(), fb.float(), x.float(), train=False)
 
 
 def test_compound_scaling_rule():
