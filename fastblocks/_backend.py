@@ -96,10 +96,12 @@ def requested_impl(op: str, impl: str | None) -> str:
 
 
 def resolve(op: str, impl: str | None, x: torch.Tensor,
-            unsupported: Callable[[str], str | None] | None = None) -> str:
+            unsupported: Callable[[str], str | None] | None = None, prefer_kernels: bool = False) -> str:
     """Pick the backend that runs ``op`` on tensors like ``x``.
 
-    ``unsupported(backend)`` may add op-specific reasons (kernel size, stride, ...).
+    ``unsupported(backend)`` may add op-specific reasons (kernel size, stride, ...). ``prefer_kernels``:
+    ``auto`` ranks ``torch`` last, for call sites where ``torch`` means the op's pure-PyTorch formulas;
+    AUTO_ORDER ranks it by the benchmarks' eager layers, which is what the modules run for ``torch``.
     """
     def reason(backend: str) -> str | None:
         # "is not None", not the function's truth value: Dynamo of torch 2.11 cannot branch on that.
@@ -112,6 +114,8 @@ def resolve(op: str, impl: str | None, x: torch.Tensor,
             raise BackendUnavailable(f"fastblocks.ops.{op}: impl={choice!r} cannot run: {why}")
         return choice
     order = auto_order(op, x.device.type)
+    if prefer_kernels:
+        order = tuple(b for b in order if b != "torch") + ("torch",)
     for backend in order:
         why = reason(backend)
         if why is None:

@@ -4,6 +4,7 @@ the shared block buffer across passes; and the memory it keeps for backward."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ import torchvision
 from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
 import fastblocks
-from fastblocks import models
+from fastblocks import _backend, models
 from fastblocks.models.densenet import saved_bytes
 from fastblocks.nn import DenseBlock, DenseLayer, Transition
 from tests.conftest import require_backend
+
+densenet_mod = importlib.import_module("fastblocks.nn.densenet")
 
 CPU_BACKENDS = ["torch", "triton", "cpp"]
 
@@ -288,3 +291,21 @@ def test_model_copy_and_repr():
     model = models.densenet121(num_classes=3)
     assert "memory_efficient=True" in repr(model.features.denseblock1.denselayer1)
     copy.deepcopy(model)
+
+
+def test_auto_prefers_kernels_for_the_recompute(monkeypatch):
+    """AUTO_ORDER may rank ``torch`` first for bn_act (measured as eager's nn.BatchNorm2d, which the
+    modules run for it); the recompute paths have no such layer, and ``torch`` there means bn_act's
+    pure-PyTorch formulas, so ``auto`` takes a kernel backend when one can run."""
+    require_backend("bn_act", "cpp")
+    monkeypatch.setitem(_backend.AUTO_ORDER, ("bn_act", "cpu"), ("torch", "cpp"))
+    x = torch.randn(2, 4, 3, 3)
+    assert _backend.resolve("bn_act", "auto", x) == "torch"
+    assert _backend.resolve("bn_act", "auto", x, prefer_kernels=True) == "cpp"
+    assert _backend.resolve("bn_act", "torch", x, prefer_kernels=True) == "torch"
+    calls = []
+    real = densenet_mod.bn_act_forward
+    monkeypatch.setattr(densenet_mod, "bn_act_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    layer = densenet_mod.DenseLayer(4, growth_rate=2, bn_size=2, drop_rate=0.0)
+    densenet_mod.dense_block(x.requires_grad_(), [layer])
+    assert calls and set(calls) == {"cpp"}

@@ -94,7 +94,7 @@ def bn_relu_then(bn: nn.BatchNorm2d, x: Tensor, fn: Callable[..., Tensor], fn_pa
     if not recompute:
         return fn(batch_norm_act(bn, x, "relu", impl), *fn_params)
     check_batch_size(bn, _count(x), x.shape)
-    impl = resolve("bn_act", impl, x)
+    impl = resolve("bn_act", impl, x, prefer_kernels=True)  # no eager layer does this recompute
     mean, var, invstd = _statistics(bn, x.detach(), impl)
     if uses_batch_stats(bn):
         update_running_stats(bn, mean, var, _count(x))
@@ -229,7 +229,7 @@ def dense_block(x: Tensor, layers: Sequence[DenseLayer], impl: str | None = "aut
     """The memory-efficient block: ``torch.cat([x, new_1, ..., new_L], 1)`` as one buffer."""
     for layer in layers:
         check_batch_size(layer.norm1, _count(x), x.shape)
-    impl = resolve("bn_act", impl, x)
+    impl = resolve("bn_act", impl, x, prefer_kernels=True)  # no eager layer does this recompute
     params = [p for layer in layers for p in _layer_params(layer)]
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         out, *stats = _DenseBlockFunction.apply(layers, impl, x, *params)
